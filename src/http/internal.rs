@@ -83,8 +83,8 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
         }
         "/v1/channels" => {
             only(&method, Method::POST)?;
-            let body: RegisterBody = parse_json(&read_body(req).await?)?;
-            register(state, body)
+            let registration = parse_register_body(&read_body(req).await?)?;
+            register(state, registration)
         }
         "/v1/publish" => {
             only(&method, Method::POST)?;
@@ -290,7 +290,10 @@ struct RegisterBody {
     max_retries: Option<CountField>,
 }
 
-fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>, ApiError> {
+/// Decodes a `POST /v1/channels` body into a [`Registration`]; [`Hub::register`] then
+/// validates topics, subject and stream type. Public for the fuzz targets.
+pub fn parse_register_body(body: &[u8]) -> Result<Registration, ApiError> {
+    let body: RegisterBody = parse_json(body)?;
     let max_retries = match body.max_retries {
         None => None,
         Some(CountField::Number(n)) => Some(n),
@@ -298,7 +301,7 @@ fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>,
             ApiError::BadRequest("max_retries must be a non-negative integer".into())
         })?),
     };
-    let registration = Registration {
+    Ok(Registration {
         topics: body.topics,
         subject: body.subject,
         stream_type: body.stream_type,
@@ -308,7 +311,10 @@ fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>,
             .map(|d| d.to_duration("retry_timeout"))
             .transpose()?,
         max_retries,
-    };
+    })
+}
+
+fn register(state: &InternalState, registration: Registration) -> Result<Response<Body>, ApiError> {
     let reg = state
         .hub
         .register(registration)
