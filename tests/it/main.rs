@@ -1,5 +1,6 @@
 //! nudge's integration tests: one binary, real sockets, real HTTP clients.
 
+mod bad_input;
 mod binary;
 mod fuzz_corpus;
 mod internal;
