@@ -6,6 +6,11 @@ use clap::Parser;
 use nudge::config::{Args, Config, EXIT_CONFIG};
 use nudge::server::{Server, StartError};
 
+/// jemalloc returns freed pages to the OS (background threads purge them after a few
+/// seconds), so resident memory comes back down after a burst of connections.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
