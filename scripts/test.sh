@@ -10,6 +10,10 @@ step() { printf '\n== %s\n' "$*"; }
 step "cargo test (unit and integration tests, real sockets)"
 cargo test --locked --all-targets
 
+step "churn soak, short mode (examples/soak: lost changes, leaks, memory; docs/reliability.md)"
+cargo build --locked --bin nudge --example soak
+target/debug/examples/soak --duration 30s --clients 300 --burst 500 --topics 100
+
 if [ -f deploy/check.sh ]; then
     step "deploy/ checks"
     bash deploy/check.sh

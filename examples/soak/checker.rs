@@ -1,0 +1,440 @@
+//! The checker's ledger: for every publish and every client it concerns, an obligation that
+//! the client must discharge within the deadline. The rule is written out in `main.rs`'s
+//! header; the code here follows it to the letter.
+//!
+//! One `Mutex<Book>` per client, never two at once and never across an `.await`: the
+//! publisher, the client's own task and the scanner each take it briefly.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+/// How a client follows changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// Polls with `stream_position` = the last position it fetched from the main API.
+    Cursor,
+    /// Polls without a position: only the channel's pending mark can save a change.
+    Mark,
+}
+
+struct Obligation {
+    topic: u32,
+    position: u64,
+    /// The publish request was sent (the clock starts here) and answered.
+    sent: Instant,
+    answered: Instant,
+    /// The client's paused clock when the obligation was recorded.
+    paused_at_start: Duration,
+}
+
+/// One client's side of the ledger.
+pub struct Book {
+    pub kind: Kind,
+    pub stream_type: Option<&'static str>,
+    pub topics: Vec<u32>,
+    /// Its incarnation is running: publishes create obligations.
+    live: bool,
+    /// Cursor clients: the main API position it last fetched, and when.
+    cursor: u64,
+    last_fetch: Option<Instant>,
+    /// Mark clients: when its current channel's registration answer arrived (`None` while it
+    /// has none), and the send time of the poll that got `max_retries`.
+    channel_since: Option<Instant>,
+    last_new_change: Option<Instant>,
+    last_cancel: Option<Instant>,
+    /// Deliberate pauses between polls, which stop the deadline's clock.
+    paused_total: Duration,
+    paused_since: Option<Instant>,
+    obligations: Vec<Obligation>,
+    /// Past the deadline (already counted lost); kept to tell late from never.
+    overdue: Vec<Obligation>,
+}
+
+impl Book {
+    pub fn new(kind: Kind, stream_type: Option<&'static str>, topics: Vec<u32>) -> Book {
+        Book {
+            kind,
+            stream_type,
+            topics,
+            live: false,
+            cursor: 0,
+            last_fetch: None,
+            channel_since: None,
+            last_new_change: None,
+            last_cancel: None,
+            paused_total: Duration::ZERO,
+            paused_since: None,
+            obligations: Vec::new(),
+            overdue: Vec::new(),
+        }
+    }
+
+    fn paused_clock(&self, now: Instant) -> Duration {
+        self.paused_total + self.paused_since.map_or(Duration::ZERO, |s| now - s)
+    }
+
+    /// Time an obligation has been outstanding, pauses not counted.
+    fn elapsed(&self, o: &Obligation, now: Instant) -> Duration {
+        let wall = now.saturating_duration_since(o.sent);
+        wall.saturating_sub(self.paused_clock(now).saturating_sub(o.paused_at_start))
+    }
+
+    fn wants(&self, stream_type: Option<&str>) -> bool {
+        match (self.stream_type, stream_type) {
+            (None, _) | (_, None) => true,
+            (Some(mine), Some(theirs)) => mine == theirs,
+        }
+    }
+}
+
+/// One published entry, as the publisher saw it.
+pub struct Published {
+    pub topic: u32,
+    pub position: u64,
+    pub stream_type: Option<&'static str>,
+    pub sent: Instant,
+    pub answered: Instant,
+}
+
+#[derive(Default)]
+pub struct Counts {
+    pub obligations: AtomicU64,
+    /// Discharged by a `new_change` (and the fetch it triggers) after the publish began.
+    pub woken: AtomicU64,
+    /// Discharged by a fetch made before the publish was sent (the log already had it).
+    pub covered_early: AtomicU64,
+    pub excused_cancel: AtomicU64,
+    pub excused_retire: AtomicU64,
+    pub excused_node: AtomicU64,
+    pub dropped_at_leave: AtomicU64,
+    pub lost: AtomicU64,
+    /// Of the lost: delivered after the deadline after all, and never delivered.
+    pub late: AtomicU64,
+    pub never: AtomicU64,
+}
+
+pub struct Ledger {
+    books: Vec<Mutex<Book>>,
+    by_topic: Vec<Vec<usize>>,
+    deadline: Duration,
+    pub counts: Counts,
+    latencies_us: Mutex<Vec<u32>>,
+    late_max: Mutex<Duration>,
+    lost: Mutex<Vec<String>>,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Ledger {
+    pub fn new(books: Vec<Book>, topics: usize, deadline: Duration) -> Ledger {
+        let mut by_topic = vec![Vec::new(); topics];
+        for (slot, b) in books.iter().enumerate() {
+            for &t in &b.topics {
+                by_topic[t as usize].push(slot);
+            }
+        }
+        Ledger {
+            books: books.into_iter().map(Mutex::new).collect(),
+            by_topic,
+            deadline,
+            counts: Counts::default(),
+            latencies_us: Mutex::new(Vec::new()),
+            late_max: Mutex::new(Duration::ZERO),
+            lost: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn kind(&self, slot: usize) -> Kind {
+        self.books[slot].lock().kind
+    }
+
+    pub fn topics(&self, slot: usize) -> (Vec<u32>, Option<&'static str>) {
+        let b = self.books[slot].lock();
+        (b.topics.clone(), b.stream_type)
+    }
+
+    pub fn cursor(&self, slot: usize) -> u64 {
+        self.books[slot].lock().cursor
+    }
+
+    fn discharge(&self, latency: Duration) {
+        self.latencies_us
+            .lock()
+            .push(latency.as_micros().min(u32::MAX as u128) as u32);
+    }
+
+    fn record_lost(&self, slot: usize, b: &Book, o: &Obligation, why: &str, now: Instant) {
+        bump(&self.counts.lost);
+        let mut lost = self.lost.lock();
+        if lost.len() < 20 {
+            lost.push(format!(
+                "client {slot} ({:?}) topic t{} position {}: {why} ({:.2}s after the publish, pauses excluded)",
+                b.kind,
+                o.topic,
+                o.position,
+                b.elapsed(o, now).as_secs_f64()
+            ));
+        }
+    }
+
+    /// A client (re)starts: it fetches from the main API, whose log head is `head`.
+    pub fn start_incarnation(&self, slot: usize, head: u64) {
+        let mut b = self.books[slot].lock();
+        b.live = true;
+        b.cursor = head;
+        b.last_fetch = Some(Instant::now());
+        b.channel_since = None;
+        b.last_new_change = None;
+        b.last_cancel = None;
+        b.obligations.clear();
+        self.forget_overdue(&mut b);
+    }
+
+    fn forget_overdue(&self, b: &mut Book) {
+        self.counts
+            .never
+            .fetch_add(b.overdue.len() as u64, Ordering::Relaxed);
+        b.overdue.clear();
+    }
+
+    /// Its channel's registration answer arrived.
+    pub fn registered(&self, slot: usize) {
+        self.books[slot].lock().channel_since = Some(Instant::now());
+    }
+
+    /// A publish was answered `200`: record what it owes.
+    pub fn published(&self, p: &Published) {
+        for &slot in &self.by_topic[p.topic as usize] {
+            let mut b = self.books[slot].lock();
+            if !b.live || !b.wants(p.stream_type) {
+                continue;
+            }
+            let obligation = Obligation {
+                topic: p.topic,
+                position: p.position,
+                sent: p.sent,
+                answered: p.answered,
+                paused_at_start: b.paused_clock(p.answered),
+            };
+            match b.kind {
+                Kind::Cursor => {
+                    if b.cursor >= p.position {
+                        // Fetched already: before the publish was sent (the node may skip
+                        // this wake-up, SPEC §3) or after a new_change that came since.
+                        bump(&self.counts.obligations);
+                        match b.last_fetch {
+                            Some(f) if f > p.sent => {
+                                bump(&self.counts.woken);
+                                self.discharge(f - p.sent);
+                            }
+                            _ => bump(&self.counts.covered_early),
+                        }
+                        continue;
+                    }
+                }
+                Kind::Mark => {
+                    // The channel must have been live when the publish began.
+                    if b.channel_since.is_none_or(|since| since > p.sent) {
+                        continue;
+                    }
+                    bump(&self.counts.obligations);
+                    if let Some(at) = b.last_new_change.filter(|&at| at > p.sent) {
+                        bump(&self.counts.woken);
+                        self.discharge(at - p.sent);
+                        continue;
+                    }
+                    if b.last_cancel.is_some_and(|c| c > p.sent) {
+                        bump(&self.counts.excused_cancel);
+                        continue;
+                    }
+                    b.obligations.push(obligation);
+                    continue;
+                }
+            }
+            bump(&self.counts.obligations);
+            b.obligations.push(obligation);
+        }
+    }
+
+    /// A poll was answered `new_change`; a cursor client then fetches (log head `head`).
+    pub fn new_change(&self, slot: usize, head: u64) {
+        let now = Instant::now();
+        let mut b = self.books[slot].lock();
+        let b = &mut *b;
+        match b.kind {
+            Kind::Cursor => {
+                b.cursor = b.cursor.max(head);
+                b.last_fetch = Some(now);
+            }
+            Kind::Mark => b.last_new_change = Some(now),
+        }
+        let cursor = b.cursor;
+        let kind = b.kind;
+        let mut kept = Vec::with_capacity(b.obligations.len());
+        for o in b.obligations.drain(..) {
+            if kind == Kind::Mark || o.position <= cursor {
+                bump(&self.counts.woken);
+                let latency = now.saturating_duration_since(o.sent).saturating_sub(
+                    (b.paused_total + b.paused_since.map_or(Duration::ZERO, |s| now - s))
+                        .saturating_sub(o.paused_at_start),
+                );
+                self.discharge(latency);
+            } else {
+                kept.push(o);
+            }
+        }
+        b.obligations = kept;
+        let mut still = Vec::new();
+        for o in std::mem::take(&mut b.overdue) {
+            if kind == Kind::Mark || o.position <= cursor {
+                bump(&self.counts.late);
+                let late = b.elapsed(&o, now);
+                let mut max = self.late_max.lock();
+                *max = (*max).max(late);
+            } else {
+                still.push(o);
+            }
+        }
+        b.overdue = still;
+    }
+
+    /// The client gave up on a poll (closed its socket mid-park) or lost its connection. For
+    /// a mark client, an answer may have been written to that socket: what was published
+    /// before now is excused. A cursor client's next poll carries its position: no excuse.
+    pub fn cancelled(&self, slot: usize) {
+        let mut b = self.books[slot].lock();
+        if b.kind == Kind::Mark {
+            b.last_cancel = Some(Instant::now());
+            let n = b.obligations.len() as u64;
+            b.obligations.clear();
+            self.counts.excused_cancel.fetch_add(n, Ordering::Relaxed);
+            self.forget_overdue(&mut b);
+        }
+    }
+
+    /// A poll sent at `poll_sent` was answered `max_retries`. For a mark client, a change
+    /// published (answered) before that poll was sent should have won over the spent budget
+    /// (SPEC §3 order): it is lost. One that raced the poll is excused.
+    pub fn max_retries(&self, slot: usize, poll_sent: Instant) {
+        let now = Instant::now();
+        let mut b = self.books[slot].lock();
+        if b.kind != Kind::Mark {
+            return;
+        }
+        b.channel_since = None;
+        self.forget_overdue(&mut b);
+        let obligations = std::mem::take(&mut b.obligations);
+        for o in obligations {
+            if o.answered < poll_sent {
+                self.record_lost(
+                    slot,
+                    &b,
+                    &o,
+                    "channel answered max_retries with a change pending",
+                    now,
+                );
+                bump(&self.counts.never);
+            } else {
+                bump(&self.counts.excused_retire);
+            }
+        }
+    }
+
+    /// The client's node went away (drained or killed): a mark client's pending marks
+    /// went with it.
+    #[allow(dead_code)] // used by the two-node drills
+    pub fn node_lost(&self, slot: usize) {
+        let mut b = self.books[slot].lock();
+        if b.kind == Kind::Mark {
+            b.channel_since = None;
+            let n = b.obligations.len() as u64;
+            b.obligations.clear();
+            self.counts.excused_node.fetch_add(n, Ordering::Relaxed);
+            self.forget_overdue(&mut b);
+        }
+    }
+
+    pub fn pause_begin(&self, slot: usize) {
+        self.books[slot].lock().paused_since = Some(Instant::now());
+    }
+
+    pub fn pause_end(&self, slot: usize) {
+        let mut b = self.books[slot].lock();
+        if let Some(since) = b.paused_since.take() {
+            b.paused_total += since.elapsed();
+        }
+    }
+
+    /// The client leaves: what is overdue is lost, the rest no longer matters.
+    pub fn leave(&self, slot: usize) {
+        let now = Instant::now();
+        let mut b = self.books[slot].lock();
+        let obligations = std::mem::take(&mut b.obligations);
+        for o in obligations {
+            if b.elapsed(&o, now) > self.deadline {
+                self.record_lost(slot, &b, &o, "no new_change within the deadline", now);
+                bump(&self.counts.never);
+            } else {
+                bump(&self.counts.dropped_at_leave);
+            }
+        }
+        self.forget_overdue(&mut b);
+        b.live = false;
+        if let Some(since) = b.paused_since.take() {
+            b.paused_total += now - since;
+        }
+    }
+
+    /// Marks every obligation past the deadline lost. Returns how many are outstanding.
+    pub fn scan(&self) -> usize {
+        let now = Instant::now();
+        let mut outstanding = 0;
+        for (slot, book) in self.books.iter().enumerate() {
+            let mut b = book.lock();
+            if b.obligations.is_empty() {
+                continue;
+            }
+            let obligations = std::mem::take(&mut b.obligations);
+            let mut kept = Vec::with_capacity(obligations.len());
+            for o in obligations {
+                if b.elapsed(&o, now) > self.deadline {
+                    self.record_lost(slot, &b, &o, "no new_change within the deadline", now);
+                    b.overdue.push(o);
+                } else {
+                    kept.push(o);
+                }
+            }
+            outstanding += kept.len();
+            b.obligations = kept;
+        }
+        outstanding
+    }
+
+    /// The longest a lost change took to arrive after all.
+    pub fn late_max(&self) -> Duration {
+        *self.late_max.lock()
+    }
+
+    pub fn lost_samples(&self) -> Vec<String> {
+        self.lost.lock().clone()
+    }
+
+    /// Latency percentiles (p50, p90, p99, p99.9, max) of discharged obligations.
+    pub fn latency_percentiles(&self) -> Option<[Duration; 5]> {
+        let mut v = self.latencies_us.lock().clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let at = |q: f64| {
+            let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+            Duration::from_micros(v[i] as u64)
+        };
+        Some([at(0.5), at(0.9), at(0.99), at(0.999), at(1.0)])
+    }
+}
