@@ -504,7 +504,7 @@ async fn publisher(ctx: Arc<Ctx>, mut rng: fastrand::Rng) {
         };
         let (content_type, body) = if entries == 1 {
             ("application/json", object(&batch[0]).to_string())
-        } else if n % 2 == 0 {
+        } else if n.is_multiple_of(2) {
             (
                 "application/json",
                 Value::Array(batch.iter().map(object).collect()).to_string(),
@@ -721,7 +721,7 @@ async fn run(args: Args) -> Result<bool, String> {
         sleep(Duration::from_millis(100)).await;
         ctx.ledger.scan();
         ticks += 1;
-        if ticks % 10 == 0 {
+        if ticks.is_multiple_of(10) {
             rss_peak = rss_peak.max(node.rss_bytes().unwrap_or(0));
         }
         if !burst_fired && Instant::now() >= burst_at {
