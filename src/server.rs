@@ -29,13 +29,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::http::fast::FastPath;
 use crate::http::internal::{self, InternalState};
 use crate::http::subscribe::{self, Cors, PublicState};
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
 
 /// Largest request head (line + headers) hyper buffers; past it hyper answers 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How often expired channels and old positions are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// After the drain, how long connections get to finish before we stop waiting.
@@ -153,6 +154,18 @@ impl Server {
         let internal_conns = Arc::new(Connections::default());
 
         let builder = http1_builder(config.header_read_timeout);
+        // TLS connections are decrypted by rustls, so hyper serves them all.
+        let fast = match (&tls, config.fast_path) {
+            (None, true) => Some(Arc::new(
+                FastPath::new(
+                    public_state.clone(),
+                    builder.clone(),
+                    config.header_read_timeout,
+                )
+                .await,
+            )),
+            _ => None,
+        };
         let public_task = {
             let conns = public_conns.clone();
             let builder = builder.clone();
@@ -166,14 +179,13 @@ impl Server {
                 let close = close_public_rx.clone();
                 let builder = builder.clone();
                 let tls = tls.clone();
+                let fast = fast.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(subscribe::handle(req, &state).await) }
-                    });
-                    match tls {
-                        None => serve(&builder, TokioIo::new(stream), service, close).await,
-                        Some(tls) => {
+                    let service = subscribe::service(state);
+                    match (tls, fast) {
+                        (None, Some(fast)) => fast.serve(stream, close).await,
+                        (None, None) => serve(&builder, TokioIo::new(stream), service, close).await,
+                        (Some(tls), _) => {
                             match tokio::time::timeout(timeout, tls.accept(stream)).await {
                                 Ok(Ok(stream)) => {
                                     serve(&builder, TokioIo::new(stream), service, close).await
@@ -250,8 +262,12 @@ fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     builder
 }
 
-async fn serve<I, S>(builder: &http1::Builder, io: I, service: S, mut close: watch::Receiver<bool>)
-where
+pub(crate) async fn serve<I, S>(
+    builder: &http1::Builder,
+    io: I,
+    service: S,
+    mut close: watch::Receiver<bool>,
+) where
     I: Read + Write + Unpin + Send + 'static,
     S: hyper::service::Service<
             Request<Incoming>,
@@ -300,7 +316,7 @@ async fn accept_loop(
 }
 
 /// Resolves once the flag is (or was already) set, or its sender is gone.
-async fn became_true(flag: &mut watch::Receiver<bool>) {
+pub(crate) async fn became_true(flag: &mut watch::Receiver<bool>) {
     while !*flag.borrow_and_update() {
         if flag.changed().await.is_err() {
             return;
