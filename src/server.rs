@@ -172,20 +172,31 @@ impl Server {
             let metrics = hub.metrics().clone();
             let timeout = config.header_read_timeout;
             accept_loop(public, stop_public_rx, move |stream| {
-                let state = public_state.clone();
-                let guard = conns.open();
-                metrics.open_connections.inc();
-                let metrics = metrics.clone();
+                let guard = (conns.open(), OpenConnection::count(&metrics));
                 let close = close_public_rx.clone();
-                let builder = builder.clone();
-                let tls = tls.clone();
-                let fast = fast.clone();
-                tokio::spawn(async move {
-                    let service = subscribe::service(state);
-                    match (tls, fast) {
-                        (None, Some(fast)) => fast.serve(stream, close).await,
-                        (None, None) => serve(&builder, TokioIo::new(stream), service, close).await,
-                        (Some(tls), _) => {
+                // One spawn per kind of connection: a task is as large as its future's largest
+                // state, and a parked poll on the fast path must not pay for a TLS handshake.
+                match (&tls, &fast) {
+                    (None, Some(fast)) => {
+                        let fast = fast.clone();
+                        tokio::spawn(async move {
+                            fast.serve(stream, close).await;
+                            drop(guard);
+                        });
+                    }
+                    (None, None) => {
+                        let (builder, service) =
+                            (builder.clone(), subscribe::service(public_state.clone()));
+                        tokio::spawn(async move {
+                            serve(&builder, TokioIo::new(stream), service, close).await;
+                            drop(guard);
+                        });
+                    }
+                    (Some(tls), _) => {
+                        let (builder, service) =
+                            (builder.clone(), subscribe::service(public_state.clone()));
+                        let tls = tls.clone();
+                        tokio::spawn(async move {
                             match tokio::time::timeout(timeout, tls.accept(stream)).await {
                                 Ok(Ok(stream)) => {
                                     serve(&builder, TokioIo::new(stream), service, close).await
@@ -193,11 +204,10 @@ impl Server {
                                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => debug!("TLS handshake timed out"),
                             }
-                        }
+                            drop(guard);
+                        });
                     }
-                    metrics.open_connections.dec();
-                    drop(guard);
-                });
+                }
             })
         };
         let readiness = internal_state.clone();
@@ -321,6 +331,22 @@ pub(crate) async fn became_true(flag: &mut watch::Receiver<bool>) {
         if flag.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Holds `nudge_open_connections` up while a public connection is open.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn count(metrics: &Metrics) -> OpenConnection {
+        metrics.open_connections.inc();
+        OpenConnection(metrics.open_connections.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

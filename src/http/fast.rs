@@ -266,18 +266,15 @@ impl FastPath {
                     request
                 }
                 NextHead::Hyper(prefix) => {
+                    // Boxed: hyper's connection future is large, and an unboxed one would make
+                    // every fast-path task (parked polls included) reserve room for it.
                     let io = TokioIo::new(Replay {
                         prefix,
                         at: 0,
                         stream,
                     });
-                    crate::server::serve(
-                        &self.builder,
-                        io,
-                        subscribe::service(self.state.clone()),
-                        close,
-                    )
-                    .await;
+                    let service = subscribe::service(self.state.clone());
+                    Box::pin(crate::server::serve(&self.builder, io, service, close)).await;
                     return;
                 }
                 NextHead::Done => return,
