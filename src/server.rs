@@ -1,8 +1,9 @@
 //! Listeners, connections and the drain. `Server::bind` binds both listeners (port 0 picks
 //! a free port) and logs each bound address on its own line; `Server::run` serves until the
 //! shutdown future resolves, then drains (SPEC §6):
-//! `/readyz` turns 503 → the public listener stops accepting → every parked poll is
-//! answered `reconnect`, spread over the drain period → connections are closed → return.
+//! `/readyz` turns 503 → the public listener stops accepting → every public connection is
+//! told to close after its current answer (idle keep-alive ones close now) → every parked
+//! poll is answered `reconnect`, spread over the drain period → wait for connections → return.
 //!
 //! hyper's graceful shutdown only waits for the request in flight, and a parked poll *is*
 //! a request in flight: that is why the hub answers every parked poll before connections
@@ -241,9 +242,15 @@ impl Server {
         hub.begin_drain();
         let _ = stop_public.send(true);
         let _ = public_task.await;
-        let answered = hub.drain(config.drain_period).await;
-        info!(answered, "parked polls answered; closing connections");
+        // Every public connection closes after its answer from now on: a client that
+        // re-polls at once on `reconnect` must open a new connection, which reaches another
+        // node, instead of looping on this one for the rest of the drain.
         let _ = close_public.send(true);
+        let answered = hub.drain(config.drain_period).await;
+        info!(
+            answered,
+            "parked polls answered; waiting for connections to close"
+        );
         if tokio::time::timeout(CLOSE_GRACE, public_conns.all_closed())
             .await
             .is_err()

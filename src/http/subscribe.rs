@@ -117,6 +117,11 @@ pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Bod
     let origin = req.headers().get(header::ORIGIN).cloned();
     let mut res = route(req, state).await;
     state.cors.decorate(origin.as_ref(), res.headers_mut());
+    if state.hub.is_draining() {
+        // Say so, as the fast path does: the client's next poll needs a new connection.
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 
