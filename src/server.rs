@@ -246,6 +246,10 @@ fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
+        // max_buf_size alone is no limit on the head: hyper checks it only between reads,
+        // and a big head that arrives in a few large reads gets parsed whole. This is the
+        // exact check (431, then close).
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES);
     builder
 }
