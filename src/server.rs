@@ -1,12 +1,14 @@
 //! Listeners, connections and the drain. `Server::bind` binds both listeners (port 0 picks
 //! a free port) and logs each bound address on its own line; `Server::run` serves until the
 //! shutdown future resolves, then drains (SPEC §6):
-//! `/readyz` turns 503 → the public listener stops accepting → every parked poll is
-//! answered `reconnect`, spread over the drain period → connections are closed → return.
+//! `/readyz` turns 503 → the public listener stops accepting → every public connection is
+//! told to close (idle keep-alive ones close at once, the others after their answer, with
+//! `Connection: close`) → every parked poll is answered `reconnect`, spread over the drain
+//! period → the last connections close → return.
 //!
 //! hyper's graceful shutdown only waits for the request in flight, and a parked poll *is*
-//! a request in flight: that is why the hub answers every parked poll before connections
-//! are told to close.
+//! a request in flight: that is why the hub answers every parked poll, and only then do we
+//! wait for the connections to be gone.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -219,9 +221,16 @@ impl Server {
         hub.begin_drain();
         let _ = stop_public.send(true);
         let _ = public_task.await;
-        let answered = hub.drain(config.drain_period).await;
-        info!(answered, "parked polls answered; closing connections");
+        // Close keep-alive connections now, not after the spread: an idle one would
+        // otherwise bring a poll that is answered `reconnect` at once, and its client would
+        // come straight back on the same connection, round and round, instead of going to
+        // another node. Connections with a parked poll stay until their answer.
         let _ = close_public.send(true);
+        let answered = hub.drain(config.drain_period).await;
+        info!(
+            answered,
+            "parked polls answered; waiting for connections to close"
+        );
         if tokio::time::timeout(CLOSE_GRACE, public_conns.all_closed())
             .await
             .is_err()
