@@ -85,7 +85,15 @@ impl Server {
             .expect("a bound listener has an address");
 
         let metrics = Arc::new(Metrics::new(Registry::new(), config.redis_url.is_some()));
-        let max_parked = config.max_parked.unwrap_or_else(default_max_parked);
+        let fd_allows = default_max_parked();
+        let max_parked = config.max_parked.unwrap_or(fd_allows);
+        if max_parked > fd_allows {
+            warn!(
+                max_parked,
+                open_files_allow = fd_allows,
+                "--max-parked is above what the open-files limit allows: accepts will fail first"
+            );
+        }
         let hub = Hub::new(
             HubConfig {
                 limits: config.limits,
