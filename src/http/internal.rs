@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::{Body, error, json, json_value};
-use crate::config::parse_duration;
+use crate::config::{Token, parse_duration};
 use crate::error::ApiError;
 use crate::hub::{Hub, Publish, PublishReport, Registration, RevokeFilter};
 
@@ -25,7 +25,7 @@ pub struct InternalState {
     pub hub: Arc<Hub>,
     /// Base of channel URLs, without a trailing `/`.
     pub public_url: String,
-    pub token: Option<String>,
+    pub token: Option<Token>,
     /// False until the listeners are up, and again from the start of the drain.
     pub ready: AtomicBool,
 }
@@ -142,7 +142,8 @@ fn only(method: &Method, allowed: Method) -> Result<(), ApiError> {
     }
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time when a token is set.
+/// Checks `Authorization: Bearer <token>` in constant time when a token is set. The scheme
+/// name is case-insensitive (RFC 9110 §11.1); the token is not.
 fn authorize(req: &Request<Incoming>, state: &InternalState) -> Result<(), ApiError> {
     let Some(token) = &state.token else {
         return Ok(());
@@ -150,7 +151,11 @@ fn authorize(req: &Request<Incoming>, state: &InternalState) -> Result<(), ApiEr
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(HeaderValue::as_bytes)
+        .and_then(|v| match v.split_at_checked(7) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => Some(rest),
+            _ => None,
+        })
         .unwrap_or(b"");
     if constant_time_eq(given, token.as_bytes()) {
         Ok(())
