@@ -162,6 +162,12 @@ impl Cors {
         headers.insert(header::VARY, HeaderValue::from_static("Origin"));
         if let Some(origin) = origin.filter(|o| self.allows(o)) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            // Not a CORS-safelisted response header: without this a page cannot read
+            // how long to wait after `503 over_capacity`.
+            headers.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("Retry-After"),
+            );
         }
     }
 
