@@ -7,10 +7,12 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use tracing::debug;
 
 use super::{Body, error, json};
 use crate::error::ApiError;
 use crate::hub::{Answer, Hub, PollRequest, PollStart};
+use crate::id::log_tag;
 use crate::metrics::outcome;
 
 /// Longest query string accepted (`400 bad_request` past it).
@@ -129,6 +131,8 @@ async fn route(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
         PollStart::TooManyPolls => return error(&ApiError::TooManyPolls),
         PollStart::OverCapacity => return error(&ApiError::OverCapacity),
     };
+    // The id is the credential: its short hash only (evaluated only when debug is on).
+    debug!(channel = %log_tag(&query.channel), answer = answer.as_str(), "poll answered");
     json(StatusCode::OK, answer_body(answer))
 }
 
