@@ -92,6 +92,13 @@ pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Bod
     let origin = req.headers().get(header::ORIGIN).cloned();
     let mut res = route(req, state).await;
     state.cors.decorate(origin.as_ref(), res.headers_mut());
+    if state.hub.is_draining() {
+        // The server also asks hyper to close every connection when the drain starts, but
+        // an answer can be written before its connection sees that; this header makes
+        // hyper close after *this* answer, so the client reconnects elsewhere.
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 
