@@ -2,7 +2,11 @@
 
 mod binary;
 mod internal;
+mod ops;
+mod process;
 mod public;
 mod races;
+mod raw;
 mod semantics;
 mod support;
+mod tools;
