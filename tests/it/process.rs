@@ -629,3 +629,32 @@ fn a_bad_token_file_is_refused_with_exit_64() {
         assert!(!stderr.contains("too-short"), "the token is not echoed");
     }
 }
+
+#[test]
+fn unreadable_tls_files_are_refused_with_exit_64() {
+    let dir = TempDir::new("badtls");
+    let not_pem = dir.write("cert.pem", "this is not a certificate\n");
+    let key = dir.write("key.pem", "nor is this a key\n");
+    for args in [
+        vec![
+            "--tls-cert",
+            not_pem.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        vec!["--tls-cert", not_pem.to_str().unwrap()],
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-"));
+    }
+}
