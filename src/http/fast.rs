@@ -332,7 +332,11 @@ impl FastPath {
                     }
                 };
                 Ok(match classify(buf, self.cors_enabled) {
-                    Classified::Fast { len, request } if len == buf.len() => {
+                    // A complete head over the limit is hyper's too (431), like a partial
+                    // one: the last read can complete a head that is already too big.
+                    Classified::Fast { len, request }
+                        if len == buf.len() && len <= crate::server::MAX_HEAD_BYTES =>
+                    {
                         Some(NextHead::Fast(request))
                     }
                     // Pipelined bytes after the head, or not ours: hyper takes it all.
