@@ -123,13 +123,14 @@ async fn metrics_have_every_spec_name_and_no_channel_or_topic_label() {
     }
     // Registered only with a bus (deploy/prometheus alert rules rely on that).
     assert!(!m.types.contains_key("nudge_bus_connected"));
-    // Low cardinality: the only labels are the outcome, the source and histogram buckets.
+    // Low cardinality: the only labels are the outcome, the source, which HTTP path served
+    // a public request, and histogram buckets.
     let labels: BTreeSet<&str> = m
         .samples
         .iter()
         .flat_map(|(_, l, _)| l.keys().map(String::as_str))
         .collect();
-    assert_eq!(labels, BTreeSet::from(["le", "outcome", "source"]));
+    assert_eq!(labels, BTreeSet::from(["le", "outcome", "path", "source"]));
     assert!(!text.contains(&ch.id) && !text.contains("user:4242"));
     // The figures say what happened.
     assert_eq!(m.value("nudge_channels", None), 1.0);
@@ -517,8 +518,14 @@ async fn tls_a_client_that_never_finishes_its_handshake_is_cut() {
 // ---- limits -----------------------------------------------------------------------------
 
 #[tokio::test]
-async fn request_size_limits_answer_the_documented_errors() {
-    let s = TestServer::start().await;
+async fn request_size_limits_answer_the_documented_errors_on_both_paths() {
+    for fast_path in [true, false] {
+        request_size_limits(fast_path).await;
+    }
+}
+
+async fn request_size_limits(fast_path: bool) {
+    let s = TestServer::with(|c| c.fast_path = fast_path).await;
     let ch = s.register_topic("t").await;
     let path = format!("/subscribe?channel={}", ch.id);
     let mut conn = TcpStream::connect(s.public).await.unwrap();
@@ -552,7 +559,7 @@ async fn request_size_limits_answer_the_documented_errors() {
     ] {
         let mut conn = TcpStream::connect(s.public).await.unwrap();
         let res = raw::exchange(&mut conn, &request, secs(5.0)).await.unwrap();
-        assert_eq!(res.status, 431);
+        assert_eq!(res.status, 431, "fast path: {fast_path}");
         assert!(raw::closed_within(&mut conn, secs(5.0)).await);
     }
     // Just under the limit is served.

@@ -247,9 +247,18 @@ fn bound_address(line: &str, which: &str) -> Option<SocketAddr> {
 
 #[tokio::test]
 async fn sigterm_drains_parked_polls_spread_over_the_period_then_exits_0() {
+    drain_on_sigterm("true").await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_same_way_on_the_hyper_path() {
+    drain_on_sigterm("false").await;
+}
+
+async fn drain_on_sigterm(fast_path: &str) {
     const POLLS: usize = 20;
     let period = secs(2.0);
-    let mut node = Nudge::start(&["--drain-period", "2s"], &[]);
+    let mut node = Nudge::start(&["--drain-period", "2s", "--fast-path", fast_path], &[]);
     let mut polls = Vec::new();
     // Five channels of four polls (the default per-channel limit).
     for i in 0..5 {
@@ -311,7 +320,7 @@ async fn sigterm_drains_parked_polls_spread_over_the_period_then_exits_0() {
     answered.sort();
     let (first, last) = (answered[0], answered[POLLS - 1]);
     let report = format!(
-        "readyz 503 after {not_ready:?}, refused after {refused:?}, idle closed after \
+        "fast path {fast_path}: readyz 503 after {not_ready:?}, refused after {refused:?}, idle closed after \
          {idle_closed:?}; answers {answered:?}; exit {code} after {total:?}"
     );
     assert_eq!(code, 0, "{report}");
@@ -418,7 +427,16 @@ async fn max_parked_defaults_to_the_raised_open_files_limit_minus_a_reserve() {
 
 #[tokio::test]
 async fn slow_senders_and_idle_connections_are_cut_by_the_header_read_timeout() {
-    let mut node = Nudge::start(&["--header-read-timeout", "1s"], &[]);
+    for fast_path in ["true", "false"] {
+        cut_by_header_read_timeout(fast_path).await;
+    }
+}
+
+async fn cut_by_header_read_timeout(fast_path: &str) {
+    let mut node = Nudge::start(
+        &["--header-read-timeout", "1s", "--fast-path", fast_path],
+        &[],
+    );
     let (_, path) = node.register("t").await;
     let start = Instant::now();
 
@@ -468,7 +486,7 @@ async fn slow_senders_and_idle_connections_are_cut_by_the_header_read_timeout() 
     ] {
         assert!(
             took >= secs(0.9) && took < secs(3.0),
-            "{what} cut after {took:?}"
+            "fast path {fast_path}: {what} cut after {took:?}"
         );
     }
     // A prompt client is served as ever.
