@@ -299,6 +299,9 @@ impl FastPath {
             stream_position: query.stream_position,
             dont_block: query.dont_block,
         };
+        // Logged when the poll starts: keeping the channel's tag until the answer would cost
+        // every parked poll its room. The id is a credential: its short hash only.
+        tracing::debug!(channel = %crate::id::log_tag(&query.channel), "poll (fast path)");
         let start = self.state.hub.poll(&query.channel, request);
         drop(query);
         let answer = match start {
