@@ -7,7 +7,41 @@ cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "cargo test (unit and integration tests, real sockets)"
+# The metrics tests (tests/it/ops.rs) check a real scrape with promtool and have a real
+# Prometheus server scrape a test node: both come with Debian's `prometheus` package.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "scripts/test.sh: the tests need promtool and prometheus (Debian package" \
+            "prometheus); run as root once to install it" >&2
+        exit 2
+    fi
+    step "installing prometheus (promtool and the server, for the metrics tests)"
+    # The package starts its daemon on install; a policy-rc.d that says no (honoured by
+    # invoke-rc.d and deb-systemd-invoke) keeps it from running. An existing policy is
+    # left as it is.
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            prometheus >/dev/null || rc=$?
+    if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    # On a booted systemd the package also enabled the service for the next boot: here it
+    # is a test tool, not a service.
+    if [ -d /run/systemd/system ]; then systemctl disable --quiet prometheus 2>/dev/null || true; fi
+    if [ "$rc" -ne 0 ]; then
+        echo "scripts/test.sh: apt-get install prometheus failed" >&2
+        exit 2
+    fi
+fi
+# Tests that need an external tool fail without it here (a bare `cargo test` skips them).
+export NUDGE_REQUIRE_TOOLS=1
+
+step "cargo test (unit and integration tests, real sockets, the real binary)"
 cargo test --locked --all-targets
 
 if [ -f deploy/check.sh ]; then

@@ -98,11 +98,32 @@ pub struct Config {
     pub redis_url: Option<String>,
     pub redis_channel: String,
     /// The internal bearer token, read from `--internal-token-file`.
-    pub internal_token: Option<String>,
+    pub internal_token: Option<Token>,
     pub cors_origins: Vec<String>,
     pub log_format: LogFormat,
     pub tls: Option<TlsFiles>,
     pub fast_path: bool,
+}
+
+/// The internal bearer token. Its `Debug` hides it, so that logging a `Config` (or anything
+/// holding the token) never writes the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token(String);
+
+impl Token {
+    pub fn new(token: impl Into<String>) -> Token {
+        Token(token.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -174,7 +195,7 @@ impl Config {
                         path.display()
                     ));
                 }
-                Some(token)
+                Some(Token::new(token))
             }
         };
         if internal_token.is_none() && !a.internal_listen.ip().is_loopback() {
@@ -256,6 +277,22 @@ mod tests {
         assert_eq!(c.max_polls_per_channel, 4);
         assert_eq!(c.drain_period, Duration::from_secs(10));
         assert_eq!(c.redis_channel, "nudge:publish");
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let dir = std::env::temp_dir().join(format!("nudge-cfg-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "  a-token-that-is-long-enough\n").unwrap();
+        let c = parse(&["--internal-token-file", file.to_str().unwrap()]).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            c.internal_token.as_ref().unwrap().as_bytes(),
+            b"a-token-that-is-long-enough",
+            "read and trimmed"
+        );
+        assert!(!format!("{c:?}").contains("a-token"));
     }
 
     #[test]

@@ -2,12 +2,13 @@
 //! a free port) and logs each bound address on its own line; `Server::run` serves until the
 //! shutdown future resolves, then drains (SPEC §6):
 //! `/readyz` turns 503 → the public listener stops accepting → every public connection is
-//! told to close after its current answer (idle keep-alive ones close now) → every parked
-//! poll is answered `reconnect`, spread over the drain period → wait for connections → return.
+//! told to close (idle keep-alive ones close at once, the others after their answer, with
+//! `Connection: close`) → every parked poll is answered `reconnect`, spread over the drain
+//! period → the last connections close → return.
 //!
 //! hyper's graceful shutdown only waits for the request in flight, and a parked poll *is*
-//! a request in flight: that is why the hub answers every parked poll before connections
-//! are told to close.
+//! a request in flight: that is why the hub answers every parked poll, and only then do we
+//! wait for the connections to be gone.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -85,7 +86,15 @@ impl Server {
             .expect("a bound listener has an address");
 
         let metrics = Arc::new(Metrics::new(Registry::new(), config.redis_url.is_some()));
-        let max_parked = config.max_parked.unwrap_or_else(default_max_parked);
+        let fd_allows = default_max_parked();
+        let max_parked = config.max_parked.unwrap_or(fd_allows);
+        if max_parked > fd_allows {
+            warn!(
+                max_parked,
+                open_files_allow = fd_allows,
+                "--max-parked is above what the open-files limit allows: accepts will fail first"
+            );
+        }
         let hub = Hub::new(
             HubConfig {
                 limits: config.limits,
@@ -242,9 +251,10 @@ impl Server {
         hub.begin_drain();
         let _ = stop_public.send(true);
         let _ = public_task.await;
-        // Every public connection closes after its answer from now on: a client that
-        // re-polls at once on `reconnect` must open a new connection, which reaches another
-        // node, instead of looping on this one for the rest of the drain.
+        // Close keep-alive connections now, not after the spread: an idle one would
+        // otherwise bring a poll that is answered `reconnect` at once, and its client would
+        // come straight back on the same connection, round and round, instead of going to
+        // another node. Connections with a parked poll stay until their answer.
         let _ = close_public.send(true);
         let answered = hub.drain(config.drain_period).await;
         info!(
@@ -275,6 +285,10 @@ fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
+        // max_buf_size alone is no limit on the head: hyper checks it only between reads,
+        // and a big head that arrives in a few large reads gets parsed whole. This is the
+        // exact check (431, then close).
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES);
     builder
 }

@@ -12,11 +12,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
+use tracing::debug;
 
 use super::{Body, error, json, json_value};
-use crate::config::parse_duration;
+use crate::config::{Token, parse_duration};
 use crate::error::ApiError;
 use crate::hub::{Hub, Publish, PublishReport, Registration, RevokeFilter};
+use crate::id::log_tag;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -25,7 +27,7 @@ pub struct InternalState {
     pub hub: Arc<Hub>,
     /// Base of channel URLs, without a trailing `/`.
     pub public_url: String,
-    pub token: Option<String>,
+    pub token: Option<Token>,
     /// False until the listeners are up, and again from the start of the drain.
     pub ready: AtomicBool,
 }
@@ -97,6 +99,11 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
             let batch =
                 parse_publish_body(content_type.as_deref(), &body).map_err(ApiError::BadRequest)?;
             let report = state.publish(batch).await?;
+            debug!(
+                published = report.published,
+                woken = report.woken,
+                "published"
+            );
             Ok(json_value(StatusCode::OK, &report))
         }
         "/v1/revoke" => {
@@ -104,6 +111,8 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
             let body: RevokeBody = parse_json(&read_body(req).await?)?;
             let filter = body.into_filter()?;
             let revoked = state.hub.revoke(&filter);
+            // Subjects and topics name users and objects: counted, not logged.
+            debug!(revoked, "revoked");
             Ok(json_value(StatusCode::OK, &json!({ "revoked": revoked })))
         }
         p if p.starts_with("/v1/channels/") => {
@@ -115,7 +124,9 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
                     .map(|info| json_value(StatusCode::OK, &info))
                     .ok_or(ApiError::ChannelNotFound),
                 Method::DELETE => {
-                    if state.hub.delete(id) {
+                    let deleted = state.hub.delete(id);
+                    debug!(channel = %log_tag(id), deleted, "delete");
+                    if deleted {
                         let mut res = json(StatusCode::NO_CONTENT, Bytes::new());
                         res.headers_mut().remove(header::CONTENT_TYPE);
                         Ok(res)
@@ -142,7 +153,8 @@ fn only(method: &Method, allowed: Method) -> Result<(), ApiError> {
     }
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time when a token is set.
+/// Checks `Authorization: Bearer <token>` in constant time when a token is set. The scheme
+/// name is case-insensitive (RFC 9110 §11.1); the token is not.
 fn authorize(req: &Request<Incoming>, state: &InternalState) -> Result<(), ApiError> {
     let Some(token) = &state.token else {
         return Ok(());
@@ -150,7 +162,11 @@ fn authorize(req: &Request<Incoming>, state: &InternalState) -> Result<(), ApiEr
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(HeaderValue::as_bytes)
+        .and_then(|v| match v.split_at_checked(7) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => Some(rest),
+            _ => None,
+        })
         .unwrap_or(b"");
     if constant_time_eq(given, token.as_bytes()) {
         Ok(())
@@ -298,6 +314,7 @@ fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>,
             ApiError::BadRequest("max_retries must be a non-negative integer".into())
         })?),
     };
+    let topic_count = body.topics.len();
     let registration = Registration {
         topics: body.topics,
         subject: body.subject,
@@ -313,6 +330,8 @@ fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>,
         .hub
         .register(registration)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    // A channel id is a credential: logs carry its short hash only.
+    debug!(channel = %reg.id.short(), topics = topic_count, "channel registered");
     let stream_type = reg.stream_type.as_deref().unwrap_or("all");
     let url = format!(
         "{}/subscribe?channel={}&stream_type={}",

@@ -3,7 +3,11 @@
 mod binary;
 mod fast_path;
 mod internal;
+mod ops;
+mod process;
 mod public;
 mod races;
+mod raw;
 mod semantics;
 mod support;
+mod tools;
