@@ -143,6 +143,11 @@ impl Server {
         &self.hub
     }
 
+    /// The publish bus, when `--redis-url` is set.
+    pub fn bus(&self) -> Option<&Arc<Bus>> {
+        self.bus.as_ref()
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let Server {
