@@ -61,9 +61,18 @@ pub struct Bus {
     connected: AtomicBool,
 }
 
+/// Checks a `--redis-url` as the client will read it (host, port, database, and whether
+/// this build can speak its scheme: `rediss://` needs TLS, which it leaves out). The
+/// error never repeats the URL, which may hold a password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("--redis-url: {e}"))
+}
+
 impl Bus {
-    /// Checks the URL (no I/O yet: [`Bus::run`] connects). The error never repeats the
-    /// URL, which may hold a password.
+    /// Makes the client (no I/O yet: [`Bus::run`] connects). The URL was checked with the
+    /// rest of the configuration, by [`check_url`].
     pub fn new(url: &str, channel: &str, hub: Arc<Hub>) -> Result<Arc<Bus>, String> {
         let client = redis::Client::open(url).map_err(|e| format!("--redis-url: {e}"))?;
         let mut id = [0u8; 8];

@@ -581,3 +581,24 @@ impl Drop for ContOnDrop<'_> {
         self.0.signal("CONT");
     }
 }
+
+#[test]
+fn a_redis_url_the_client_cannot_use_exits_64_naming_the_flag() {
+    for url in ["redis://", "redis://127.0.0.1:6379/notadb"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--redis-url", url])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{url}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("--redis-url"), "{stderr}");
+        // Nothing was bound: config errors come before the listeners.
+        assert!(!stderr.contains("listening"), "{stderr}");
+    }
+}
