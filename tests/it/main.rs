@@ -2,6 +2,7 @@
 
 mod binary;
 mod bus;
+mod fast_path;
 mod internal;
 mod public;
 mod races;
