@@ -21,8 +21,10 @@ BATCH=${BATCH:-1}
 LIMIT=${LIMIT:-120}
 BIN=target/release/nudge
 
-command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null ||
-    { echo "needs redis-server and redis-benchmark: apt-get install redis-server" >&2; exit 1; }
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+    echo "needs redis-server and redis-benchmark: apt-get install redis-server" >&2
+    exit 1
+fi
 [ -x "$BIN" ] || cargo build --release --locked
 
 tmp=$(mktemp -d)
