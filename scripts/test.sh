@@ -7,18 +7,21 @@ cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
-# The metrics tests (tests/it/ops.rs) check a real scrape with promtool and have a real
-# Prometheus server scrape a test node: both come with Debian's `prometheus` package.
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+# What the tests start for real, from Debian's packages: redis-server (the bus tests in
+# tests/it/bus.rs start their own on free ports), promtool and the Prometheus server (the
+# metrics tests in tests/it/ops.rs check a real scrape and have Prometheus scrape a node).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
-        echo "scripts/test.sh: the tests need promtool and prometheus (Debian package" \
-            "prometheus); run as root once to install it" >&2
+        echo "scripts/test.sh: the tests need ${missing[*]} (Debian packages); run as root once to install them" >&2
         exit 2
     fi
-    step "installing prometheus (promtool and the server, for the metrics tests)"
-    # The package starts its daemon on install; a policy-rc.d that says no (honoured by
-    # invoke-rc.d and deb-systemd-invoke) keeps it from running. An existing policy is
-    # left as it is.
+    step "installing ${missing[*]} (Debian packages)"
+    # Both packages start a daemon on install; a policy-rc.d that says no (honoured by
+    # invoke-rc.d and deb-systemd-invoke) keeps them from running: the tests start their own.
+    # An existing policy is left as it is.
     made_policy=
     if [ ! -e /usr/sbin/policy-rc.d ]; then
         printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
@@ -28,13 +31,15 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     rc=0
     DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            prometheus >/dev/null || rc=$?
+            "${missing[@]}" >/dev/null || rc=$?
     if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
-    # On a booted systemd the package also enabled the service for the next boot: here it
-    # is a test tool, not a service.
-    if [ -d /run/systemd/system ]; then systemctl disable --quiet prometheus 2>/dev/null || true; fi
+    # On a booted systemd the packages also enabled their services for the next boot: here
+    # they are test tools, not services.
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --quiet prometheus redis-server 2>/dev/null || true
+    fi
     if [ "$rc" -ne 0 ]; then
-        echo "scripts/test.sh: apt-get install prometheus failed" >&2
+        echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
         exit 2
     fi
 fi

@@ -180,6 +180,9 @@ impl Config {
                 "--redis-url must start with redis://, rediss:// or unix://, got {url:?}"
             ));
         }
+        if let Some(url) = &a.redis_url {
+            crate::bus::check_url(url)?;
+        }
         if a.redis_channel.is_empty() {
             return Err("--redis-channel must not be empty".into());
         }
@@ -326,5 +329,13 @@ mod tests {
                 .unwrap_err()
                 .contains("--public-url")
         );
+        for url in ["redis://", "redis://127.0.0.1/notadb"] {
+            assert!(
+                parse(&["--redis-url", url])
+                    .unwrap_err()
+                    .contains("--redis-url")
+            );
+        }
+        assert!(parse(&["--redis-url", "redis://:secret@127.0.0.1:6379/2"]).is_ok());
     }
 }

@@ -30,6 +30,7 @@ use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::http::fast::FastPath;
 use crate::http::internal::{self, InternalState};
@@ -62,6 +63,7 @@ pub struct Server {
     internal: TcpListener,
     tls: Option<TlsAcceptor>,
     hub: Arc<Hub>,
+    bus: Option<Arc<Bus>>,
     public_state: Arc<PublicState>,
     internal_state: Arc<InternalState>,
 }
@@ -103,6 +105,12 @@ impl Server {
             },
             metrics,
         );
+        let bus = config
+            .redis_url
+            .as_deref()
+            .map(|url| Bus::new(url, &config.redis_channel, hub.clone()))
+            .transpose()
+            .map_err(StartError::Config)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let public_url = config
             .public_url
@@ -117,16 +125,18 @@ impl Server {
             public_url: public_url.clone(),
             token: config.internal_token.clone(),
             ready: Default::default(),
+            bus: bus.clone(),
         });
         info!(public = %public_addr, "listening");
         info!(internal = %internal_addr, "listening");
-        info!(%public_url, max_parked, tls = tls.is_some(), "configured");
+        info!(%public_url, max_parked, tls = tls.is_some(), bus = bus.is_some(), "configured");
         Ok(Server {
             config,
             public,
             internal,
             tls,
             hub,
+            bus,
             public_state,
             internal_state,
         })
@@ -144,6 +154,11 @@ impl Server {
         &self.hub
     }
 
+    /// The publish bus, when `--redis-url` is set.
+    pub fn bus(&self) -> Option<&Arc<Bus>> {
+        self.bus.as_ref()
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let Server {
@@ -152,10 +167,13 @@ impl Server {
             internal,
             tls,
             hub,
+            bus,
             public_state,
             internal_state,
         } = self;
         let sweeper = tokio::spawn(hub.clone().sweeper(SWEEP_EVERY));
+        // With a bus, `/readyz` stays 503 until its first subscription is up.
+        let bus_task = bus.map(|bus| tokio::spawn(bus.run()));
 
         let (stop_public, stop_public_rx) = watch::channel(false);
         let (close_public, close_public_rx) = watch::channel(false);
@@ -274,6 +292,9 @@ impl Server {
         let _ = internal_task.await;
         let _ = tokio::time::timeout(CLOSE_GRACE, internal_conns.all_closed()).await;
         sweeper.abort();
+        if let Some(task) = bus_task {
+            task.abort();
+        }
         info!("drained");
         Ok(())
     }

@@ -15,9 +15,10 @@ use serde_json::json;
 use tracing::debug;
 
 use super::{Body, error, json, json_value};
+use crate::bus::{Bus, BusError};
 use crate::config::{Token, parse_duration};
 use crate::error::ApiError;
-use crate::hub::{Hub, Publish, PublishReport, Registration, RevokeFilter};
+use crate::hub::{Hub, Publish, Registration, RevokeFilter};
 use crate::id::log_tag;
 
 /// Largest request body accepted.
@@ -30,12 +31,44 @@ pub struct InternalState {
     pub token: Option<Token>,
     /// False until the listeners are up, and again from the start of the drain.
     pub ready: AtomicBool,
+    /// The publish bus, when `--redis-url` is set.
+    pub bus: Option<Arc<Bus>>,
 }
 
 impl InternalState {
-    /// Applies publishes on this node.
-    async fn publish(&self, batch: Vec<Publish>) -> Result<PublishReport, ApiError> {
-        Ok(self.hub.publish(&batch, "api"))
+    /// Without a bus, applies publishes on this node: `{"published":N,"woken":M}`. With
+    /// one, puts them on the bus and answers once Redis has taken them; every node, this
+    /// one included, applies them when the bus hands them back, so nothing is woken yet:
+    /// `{"published":N,"woken":0,"subscribers":S}`, `S` being how many subscribers Redis
+    /// handed the message to (the nodes, plus any other subscriber of the channel).
+    async fn publish(&self, batch: Vec<Publish>) -> Result<serde_json::Value, ApiError> {
+        let Some(bus) = &self.bus else {
+            let report = self.hub.publish(&batch, "api");
+            return Ok(json!({ "published": report.published, "woken": report.woken }));
+        };
+        match bus.publish(&batch).await {
+            Ok(subscribers) => Ok(json!({
+                "published": batch.len(),
+                "woken": 0,
+                "subscribers": subscribers,
+            })),
+            Err(e) => {
+                log_bus_error(&e, "publish refused");
+                Err(ApiError::BusUnavailable)
+            }
+        }
+    }
+
+    /// Revokes on this node at once, then tells the other nodes through the bus.
+    async fn revoke(&self, filter: &RevokeFilter) -> Result<usize, ApiError> {
+        let revoked = self.hub.revoke(filter);
+        if let Some(bus) = &self.bus
+            && let Err(e) = bus.revoke(filter).await
+        {
+            log_bus_error(&e, "revocation applied on this node only");
+            return Err(ApiError::RevokedHereOnly { revoked });
+        }
+        Ok(revoked)
     }
 
     fn readiness(&self) -> Result<(), ApiError> {
@@ -45,7 +78,19 @@ impl InternalState {
         if !self.ready.load(Ordering::Acquire) {
             return Err(ApiError::NotReady("starting"));
         }
+        if self.bus.as_ref().is_some_and(|bus| !bus.is_connected()) {
+            return Err(ApiError::NotReady("the publish bus is not connected"));
+        }
         Ok(())
+    }
+}
+
+/// A bus that is known to be down is expected (and already logged by the subscriber);
+/// a Redis that failed a command is worth a warning.
+fn log_bus_error(e: &BusError, what: &str) {
+    match e {
+        BusError::NotConnected => tracing::debug!(error = %e, "{what}"),
+        _ => tracing::warn!(error = %e, "{what}"),
     }
 }
 
@@ -98,19 +143,15 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
             let body = read_body(req).await?;
             let batch =
                 parse_publish_body(content_type.as_deref(), &body).map_err(ApiError::BadRequest)?;
-            let report = state.publish(batch).await?;
-            debug!(
-                published = report.published,
-                woken = report.woken,
-                "published"
-            );
-            Ok(json_value(StatusCode::OK, &report))
+            let answer = state.publish(batch).await?;
+            debug!(%answer, "published");
+            Ok(json_value(StatusCode::OK, &answer))
         }
         "/v1/revoke" => {
             only(&method, Method::POST)?;
             let body: RevokeBody = parse_json(&read_body(req).await?)?;
             let filter = body.into_filter()?;
-            let revoked = state.hub.revoke(&filter);
+            let revoked = state.revoke(&filter).await?;
             // Subjects and topics name users and objects: counted, not logged.
             debug!(revoked, "revoked");
             Ok(json_value(StatusCode::OK, &json!({ "revoked": revoked })))
