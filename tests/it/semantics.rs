@@ -277,17 +277,11 @@ async fn revoke_and_delete_answer_parked_polls_max_retries() {
     s.wait_parked(4).await;
 
     // Both filters: only bob's channel on box:1.
-    let res: serde_json::Value = s
-        .http
-        .post(s.internal_url("/v1/revoke"))
-        .json(&json!({"subject": "user:bob", "topic": "box:1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(res, json!({"revoked": 1}));
+    assert_eq!(
+        s.revoke(json!({"subject": "user:bob", "topic": "box:1"}))
+            .await,
+        1
+    );
     let mut polls = polls.into_iter();
     let (pa, pb, pb2, pc) = (
         polls.next().unwrap(),
@@ -297,30 +291,10 @@ async fn revoke_and_delete_answer_parked_polls_max_retries() {
     );
     assert_eq!(pb.await.unwrap(), "max_retries");
     // By subject: bob's other channel.
-    let res: serde_json::Value = s
-        .http
-        .post(s.internal_url("/v1/revoke"))
-        .json(&json!({"subject": "user:bob"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(res, json!({"revoked": 1}));
+    assert_eq!(s.revoke(json!({"subject": "user:bob"})).await, 1);
     assert_eq!(pb2.await.unwrap(), "max_retries");
     // By topic.
-    let res: serde_json::Value = s
-        .http
-        .post(s.internal_url("/v1/revoke"))
-        .json(&json!({"topic": "box:1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(res, json!({"revoked": 1}));
+    assert_eq!(s.revoke(json!({"topic": "box:1"})).await, 1);
     assert_eq!(pa.await.unwrap(), "max_retries");
     // Delete.
     let res = s

@@ -121,6 +121,20 @@ impl TestServer {
         )
     }
 
+    /// `POST /v1/revoke`, expecting 200; returns how many channels were revoked.
+    pub async fn revoke(&self, body: Value) -> u64 {
+        let res = self
+            .http
+            .post(self.internal_url("/v1/revoke"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body: Value = res.json().await.unwrap();
+        body["revoked"].as_u64().unwrap()
+    }
+
     /// A poll of `url` (plus `extra` query parameters); returns status and JSON body.
     pub async fn poll(&self, url: &str, extra: &str) -> (StatusCode, Value) {
         let res = self.http.get(format!("{url}{extra}")).send().await.unwrap();
