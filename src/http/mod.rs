@@ -2,6 +2,7 @@
 //! route) and the internal listener (`internal.rs`). Both answer JSON only, through the
 //! helpers here, so every answer carries the same headers.
 
+pub mod fast;
 pub mod internal;
 pub mod subscribe;
 
@@ -43,7 +44,7 @@ pub fn error(err: &ApiError) -> Response<Body> {
         ApiError::MethodNotAllowed { allow } => {
             h.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        ApiError::OverCapacity | ApiError::BusUnavailable => {
+        ApiError::OverCapacity | ApiError::BusUnavailable | ApiError::RevokedHereOnly { .. } => {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         ApiError::Unauthorized => {

@@ -1,16 +1,19 @@
 //! The public listener's one route, `GET /subscribe` (SPEC §2), and CORS for it.
 //! The `Authorization` header clients send along is never read or logged.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use tracing::debug;
 
 use super::{Body, error, json};
 use crate::error::ApiError;
 use crate::hub::{Answer, Hub, PollRequest, PollStart};
+use crate::id::log_tag;
 use crate::metrics::outcome;
 
 /// Longest query string accepted (`400 bad_request` past it).
@@ -86,10 +89,43 @@ pub fn parse_query(query: Option<&str>) -> Result<SubscribeQuery, String> {
     })
 }
 
+/// The answer to a poll, as both paths write it.
+pub fn answer_response(answer: Answer) -> Response<Body> {
+    json(StatusCode::OK, answer_body(answer))
+}
+
+/// The public listener's hyper service.
+pub fn service(
+    state: Arc<PublicState>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future: Send,
+> + Send {
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+    })
+}
+
 pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
+    state
+        .hub
+        .metrics()
+        .public_requests_total
+        .with_label_values(&["hyper"])
+        .inc();
     let origin = req.headers().get(header::ORIGIN).cloned();
     let mut res = route(req, state).await;
     state.cors.decorate(origin.as_ref(), res.headers_mut());
+    if state.hub.is_draining() {
+        // The server also asks hyper to close every connection when the drain starts, but
+        // an answer can be written before its connection sees that; this header makes
+        // hyper close after *this* answer, so the client reconnects elsewhere.
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 
@@ -129,7 +165,9 @@ async fn route(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
         PollStart::TooManyPolls => return error(&ApiError::TooManyPolls),
         PollStart::OverCapacity => return error(&ApiError::OverCapacity),
     };
-    json(StatusCode::OK, answer_body(answer))
+    // The id is the credential: its short hash only (evaluated only when debug is on).
+    debug!(channel = %log_tag(&query.channel), answer = answer.as_str(), "poll answered");
+    answer_response(answer)
 }
 
 /// `--cors-origin`: which browser origins may long-poll.
@@ -143,7 +181,7 @@ impl Cors {
         Cors { origins }
     }
 
-    fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.origins.is_empty()
     }
 
@@ -162,6 +200,12 @@ impl Cors {
         headers.insert(header::VARY, HeaderValue::from_static("Origin"));
         if let Some(origin) = origin.filter(|o| self.allows(o)) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            // Not a CORS-safelisted response header: without this a page cannot read
+            // how long to wait after `503 over_capacity`.
+            headers.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("Retry-After"),
+            );
         }
     }
 

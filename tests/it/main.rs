@@ -2,9 +2,15 @@
 
 mod bad_input;
 mod binary;
+mod bus;
+mod fast_path;
 mod fuzz_corpus;
 mod internal;
+mod ops;
+mod process;
 mod public;
 mod races;
+mod raw;
 mod semantics;
 mod support;
+mod tools;
