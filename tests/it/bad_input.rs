@@ -203,6 +203,18 @@ impl Bystander {
     }
 }
 
+/// A server with a 1 s header read timeout. Its keep-alive connections are cut after 1 s
+/// idle too, so the test's own client must not reuse one the server may be closing.
+async fn impatient_server() -> TestServer {
+    let mut s = TestServer::with(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    s.http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    s
+}
+
 fn channel_param(url: &str) -> &str {
     let start = url.find("channel=").unwrap() + "channel=".len();
     let rest = &url[start..];
@@ -218,10 +230,9 @@ async fn oversized_request_line_headers_and_query() {
     let long = format!("/subscribe?channel={}", "a".repeat(5000));
     assert_error(&exchange(s.public, &get(&long)).await, 400, "bad_request");
 
-    // A request head over 64 KiB is refused by hyper before any handler, with no body
-    // (README: choices) and the connection closed: a request target over 65,534 bytes is
-    // 414; a huge header section or over 100 headers 431. (hyper checks its buffer limit
-    // between reads, so a head that arrives in one piece may pass a little over 64 KiB.)
+    // A request head over 64 KiB is refused by hyper before any handler (the fast path
+    // hands it over), with no body (README: choices) and the connection closed: 431, or 414
+    // for a request target over 65,534 bytes when hyper's URI check comes first.
     let huge_line = format!("/subscribe?channel={}", "a".repeat(70 * 1024));
     let huge_header = format!(
         "GET /subscribe?channel=x HTTP/1.1\r\nHost: nudge\r\nX-Big: {}\r\n\r\n",
@@ -233,14 +244,14 @@ async fn oversized_request_line_headers_and_query() {
             .map(|i| format!("X-H{i}: v\r\n"))
             .collect::<String>()
     );
-    for (bytes, status) in [
-        (get(&huge_line), 414),
-        (huge_header.into_bytes(), 431),
-        (many_headers.into_bytes(), 431),
+    for (bytes, statuses) in [
+        (get(&huge_line), &[414, 431][..]),
+        (huge_header.into_bytes(), &[431]),
+        (many_headers.into_bytes(), &[431]),
     ] {
         // `None`: reset before the answer could be read, which also closes the connection.
         if let Some(res) = send_while_reading(s.public, bytes).await {
-            assert_eq!(res.status, status, "{res:?}");
+            assert!(statuses.contains(&res.status), "{res:?}");
             assert!(res.body.is_empty());
             assert_eq!(res.header("connection").as_deref(), Some("close"));
         }
@@ -658,7 +669,7 @@ async fn half_closed_sockets() {
 
 #[tokio::test]
 async fn a_slow_sender_is_cut_at_the_header_read_timeout() {
-    let s = TestServer::with(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    let s = impatient_server().await;
     let by = Bystander::park(&s).await;
     let ch = s.register_topic("slow").await;
     let request = get(&format!(
@@ -713,7 +724,7 @@ async fn thousands_of_silent_connections_are_cut_and_the_node_stays_healthy() {
     // Each connection is two descriptors in this process (both ends): size to the limit.
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
     let n = 2000.min((limit.saturating_sub(300) / 2) as usize);
-    let s = TestServer::with(|c| c.header_read_timeout = Duration::from_secs(1)).await;
+    let s = impatient_server().await;
     let by = Bystander::park(&s).await;
     let ch = s.register_topic("silent").await;
 
