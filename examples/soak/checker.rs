@@ -11,6 +11,10 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+/// After a gap in its bus subscription a node answers its parked polls `new_change` spread
+/// over this window (src/bus/subscriber.rs, README "When something dies").
+const GAP_SPREAD: Duration = Duration::from_secs(2);
+
 /// How a client follows changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -26,6 +30,9 @@ struct Obligation {
     /// The publish request was sent (the clock starts here) and answered.
     sent: Instant,
     answered: Instant,
+    /// Published around a gap in the bus (Redis drill): its clock starts when every node
+    /// has resubscribed, and it gets the nodes' gap spread on top of the deadline.
+    gap: bool,
     /// The client's paused clock when the obligation was recorded.
     paused_at_start: Duration,
 }
@@ -102,6 +109,8 @@ pub struct Published {
 #[derive(Default)]
 pub struct Counts {
     pub obligations: AtomicU64,
+    /// Of the obligations: published around a gap in the bus.
+    pub gap_obligations: AtomicU64,
     /// Discharged by a `new_change` (and the fetch it triggers) after the publish began.
     pub woken: AtomicU64,
     /// Discharged by a fetch made before the publish was sent (the log already had it).
@@ -120,9 +129,16 @@ pub struct Ledger {
     books: Vec<Mutex<Book>>,
     by_topic: Vec<Vec<usize>>,
     deadline: Duration,
+    /// How long after its answer a publish is surely applied on every node: 0 on one node
+    /// (applied before the answer), a margin with a bus (the answer means "in Redis").
+    bus_delay: Duration,
     pub counts: Counts,
     latencies_us: Mutex<Vec<u32>>,
     late_max: Mutex<Duration>,
+    /// The Redis drill's window: from a little before Redis was killed until every node had
+    /// resubscribed (`None` while still open).
+    bus_gap: Mutex<Option<(Instant, Option<Instant>)>>,
+    gap_latency_max: Mutex<Duration>,
     lost: Mutex<Vec<String>>,
 }
 
@@ -131,7 +147,7 @@ fn bump(c: &AtomicU64) {
 }
 
 impl Ledger {
-    pub fn new(books: Vec<Book>, topics: usize, deadline: Duration) -> Ledger {
+    pub fn new(books: Vec<Book>, topics: usize, deadline: Duration, bus_delay: Duration) -> Ledger {
         let mut by_topic = vec![Vec::new(); topics];
         for (slot, b) in books.iter().enumerate() {
             for &t in &b.topics {
@@ -142,11 +158,56 @@ impl Ledger {
             books: books.into_iter().map(Mutex::new).collect(),
             by_topic,
             deadline,
+            bus_delay,
             counts: Counts::default(),
             latencies_us: Mutex::new(Vec::new()),
             late_max: Mutex::new(Duration::ZERO),
+            bus_gap: Mutex::new(None),
+            gap_latency_max: Mutex::new(Duration::ZERO),
             lost: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A publish sent at `sent` falls in the bus gap window.
+    fn in_bus_gap(&self, sent: Instant) -> bool {
+        self.bus_gap
+            .lock()
+            .is_some_and(|(start, end)| sent >= start && end.is_none_or(|end| sent <= end))
+    }
+
+    /// The bus goes away now (publishes sent up to 1 s before may have been in flight).
+    pub fn bus_gap_begin(&self) {
+        let start = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        *self.bus_gap.lock() = Some((start, None));
+    }
+
+    /// Every node has resubscribed.
+    pub fn bus_gap_end(&self) {
+        if let Some((_, end)) = self.bus_gap.lock().as_mut() {
+            *end = Some(Instant::now());
+        }
+    }
+
+    /// How long an obligation has been running against its deadline, and that deadline.
+    fn clock(&self, b: &Book, o: &Obligation, now: Instant) -> (Duration, Duration) {
+        if !o.gap {
+            return (b.elapsed(o, now), self.deadline);
+        }
+        let gap_end = self.bus_gap.lock().and_then(|(_, end)| end);
+        match gap_end {
+            None => (Duration::ZERO, self.deadline + GAP_SPREAD),
+            Some(end) => (
+                now.saturating_duration_since(end.max(o.sent)),
+                self.deadline + GAP_SPREAD,
+            ),
+        }
+    }
+
+    fn overdue(&self, b: &Book, o: &Obligation, now: Instant) -> bool {
+        let (elapsed, deadline) = self.clock(b, o, now);
+        elapsed > deadline
     }
 
     pub fn kind(&self, slot: usize) -> Kind {
@@ -219,6 +280,7 @@ impl Ledger {
                 position: p.position,
                 sent: p.sent,
                 answered: p.answered,
+                gap: self.in_bus_gap(p.sent),
                 paused_at_start: b.paused_clock(p.answered),
             };
             match b.kind {
@@ -252,11 +314,17 @@ impl Ledger {
                         bump(&self.counts.excused_cancel);
                         continue;
                     }
+                    if obligation.gap {
+                        bump(&self.counts.gap_obligations);
+                    }
                     b.obligations.push(obligation);
                     continue;
                 }
             }
             bump(&self.counts.obligations);
+            if obligation.gap {
+                bump(&self.counts.gap_obligations);
+            }
             b.obligations.push(obligation);
         }
     }
@@ -283,7 +351,12 @@ impl Ledger {
                     (b.paused_total + b.paused_since.map_or(Duration::ZERO, |s| now - s))
                         .saturating_sub(o.paused_at_start),
                 );
-                self.discharge(latency);
+                if o.gap {
+                    let mut max = self.gap_latency_max.lock();
+                    *max = (*max).max(latency);
+                } else {
+                    self.discharge(latency);
+                }
             } else {
                 kept.push(o);
             }
@@ -318,8 +391,9 @@ impl Ledger {
     }
 
     /// A poll sent at `poll_sent` was answered `max_retries`. For a mark client, a change
-    /// published (answered) before that poll was sent should have won over the spent budget
-    /// (SPEC §3 order): it is lost. One that raced the poll is excused.
+    /// published (answered, and with a bus delivered) before that poll was sent should have
+    /// won over the spent budget (SPEC §3 order): it is lost. One that raced the poll is
+    /// excused.
     pub fn max_retries(&self, slot: usize, poll_sent: Instant) {
         let now = Instant::now();
         let mut b = self.books[slot].lock();
@@ -330,7 +404,7 @@ impl Ledger {
         self.forget_overdue(&mut b);
         let obligations = std::mem::take(&mut b.obligations);
         for o in obligations {
-            if o.answered < poll_sent {
+            if o.answered + self.bus_delay < poll_sent {
                 self.record_lost(
                     slot,
                     &b,
@@ -347,7 +421,6 @@ impl Ledger {
 
     /// The client's node went away (drained or killed): a mark client's pending marks
     /// went with it.
-    #[allow(dead_code)] // used by the two-node drills
     pub fn node_lost(&self, slot: usize) {
         let mut b = self.books[slot].lock();
         if b.kind == Kind::Mark {
@@ -376,7 +449,7 @@ impl Ledger {
         let mut b = self.books[slot].lock();
         let obligations = std::mem::take(&mut b.obligations);
         for o in obligations {
-            if b.elapsed(&o, now) > self.deadline {
+            if self.overdue(&b, &o, now) {
                 self.record_lost(slot, &b, &o, "no new_change within the deadline", now);
                 bump(&self.counts.never);
             } else {
@@ -402,7 +475,7 @@ impl Ledger {
             let obligations = std::mem::take(&mut b.obligations);
             let mut kept = Vec::with_capacity(obligations.len());
             for o in obligations {
-                if b.elapsed(&o, now) > self.deadline {
+                if self.overdue(&b, &o, now) {
                     self.record_lost(slot, &b, &o, "no new_change within the deadline", now);
                     b.overdue.push(o);
                 } else {
@@ -418,6 +491,11 @@ impl Ledger {
     /// The longest a lost change took to arrive after all.
     pub fn late_max(&self) -> Duration {
         *self.late_max.lock()
+    }
+
+    /// The longest a change published around the bus gap took to arrive.
+    pub fn gap_latency_max(&self) -> Duration {
+        *self.gap_latency_max.lock()
     }
 
     pub fn lost_samples(&self) -> Vec<String> {

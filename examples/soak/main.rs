@@ -130,6 +130,16 @@ struct Args {
     /// Chance, after an answer, that a client leaves for longer than `ttl` and comes back.
     #[arg(long, default_value_t = 0.003)]
     leave_prob: f64,
+    /// Nodes sharing one Redis bus (1 or 2; 2 starts a `redis-server` of its own).
+    #[arg(long, default_value_t = 1)]
+    nodes: usize,
+    /// Fault drills (needs `--nodes 2`): Redis killed and restarted at 20 % of the run, the
+    /// second node drained with SIGTERM and restarted at 60 % while its clients move.
+    #[arg(long)]
+    drills: bool,
+    /// The Redis server binary for `--nodes 2`.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
     /// The nudge binary [default: `nudge` next to this program's profile directory].
     #[arg(long)]
     nudge: Option<PathBuf>,
@@ -148,11 +158,23 @@ struct Args {
     seed: Option<u64>,
 }
 
-/// Where a client's channel lives.
+/// Where a client's channel lives: a node slot, and which process in it (a restarted node
+/// is a new process with new ports and none of the old channels).
 #[derive(Clone, Copy)]
 struct NodeAddrs {
     public: SocketAddr,
     internal: SocketAddr,
+    index: usize,
+    epoch: u64,
+}
+
+/// The main API's view of a node.
+struct NodeSlot {
+    addrs: NodeAddrs,
+    /// Not draining: the main API sends new clients and publishes here.
+    up: bool,
+    /// Its bus subscription is up (`/readyz` would say 200).
+    bus_ok: bool,
 }
 
 #[derive(Default)]
@@ -166,6 +188,8 @@ struct Figures {
     too_many_polls: AtomicU64,
     over_capacity: AtomicU64,
     transport_errors: AtomicU64,
+    /// Clients that went back to the main API because their node drained.
+    moved: AtomicU64,
     protocol_errors: AtomicU64,
     registrations: AtomicU64,
     leaves: AtomicU64,
@@ -184,7 +208,7 @@ fn inc(c: &AtomicU64) {
 struct Ctx {
     args: Args,
     http: reqwest::Client,
-    nodes: RwLock<Vec<NodeAddrs>>,
+    nodes: RwLock<Vec<NodeSlot>>,
     ledger: Ledger,
     /// The main API's event log: its latest position.
     head: AtomicU64,
@@ -194,6 +218,9 @@ struct Ctx {
     protocol_samples: Mutex<Vec<String>>,
     stop_clients: watch::Receiver<bool>,
     stop_publisher: AtomicBool,
+    /// What the drills saw, for the report; and what went wrong in them.
+    drill_notes: Mutex<Vec<String>>,
+    drill_failures: Mutex<Vec<String>>,
 }
 
 fn topic_name(t: u32) -> String {
@@ -225,13 +252,28 @@ impl Ctx {
         }
     }
 
+    /// A node for new work: the preferred one if it is up and ready, else any that is.
+    fn pick_node(&self, prefer: usize) -> Option<NodeAddrs> {
+        let nodes = self.nodes.read();
+        let ok = |n: &NodeSlot| n.up && n.bus_ok;
+        let preferred = &nodes[prefer % nodes.len()];
+        if ok(preferred) {
+            return Some(preferred.addrs);
+        }
+        nodes.iter().find(|n| ok(n)).map(|n| n.addrs)
+    }
+
+    /// Whether the node a channel lives on is still there and not draining.
+    fn node_current(&self, addrs: &NodeAddrs) -> bool {
+        let nodes = self.nodes.read();
+        let n = &nodes[addrs.index];
+        n.addrs.epoch == addrs.epoch && n.up
+    }
+
     /// The main API registers a channel for client `slot` on a node.
     async fn register(&self, slot: usize) -> Result<Registered, String> {
         let (topics, stream_type) = self.ledger.topics(slot);
-        let node = {
-            let nodes = self.nodes.read();
-            nodes[slot % nodes.len()]
-        };
+        let node = self.pick_node(slot).ok_or("no ready node")?;
         let body = json!({
             "topics": topics.iter().map(|&t| topic_name(t)).collect::<Vec<_>>(),
             "subject": format!("soak:{slot}"),
@@ -256,9 +298,9 @@ impl Ctx {
         Ok(Registered { id, target, node })
     }
 
-    /// Registers, retrying a few times (the node may be busy with a burst).
+    /// Registers, retrying for up to 30 s (a burst, or no node ready during a drill).
     async fn register_retrying(&self, slot: usize) -> Option<Registered> {
-        for attempt in 0..50 {
+        for attempt in 0..300 {
             if *self.stop_clients.borrow() {
                 return None;
             }
@@ -267,7 +309,7 @@ impl Ctx {
                     self.ledger.registered(slot);
                     return Some(r);
                 }
-                Err(e) if attempt == 49 => self.protocol_error(e),
+                Err(e) if attempt == 299 => self.protocol_error(e),
                 Err(_) => sleep(Duration::from_millis(100)).await,
             }
         }
@@ -345,7 +387,13 @@ async fn client(ctx: Arc<Ctx>, slot: usize, life: Life, mut rng: fastrand::Rng) 
                     inc(&ctx.figures.max_retries);
                     ctx.ledger.max_retries(slot, sent);
                     match ctx.register_retrying(slot).await {
-                        Some(c) => channel = c,
+                        Some(c) => {
+                            // The new channel may live on another node: so must the socket.
+                            if c.node.public != channel.node.public {
+                                conn = None;
+                            }
+                            channel = c;
+                        }
                         None => break 'life,
                     }
                 }
@@ -364,9 +412,21 @@ async fn client(ctx: Arc<Ctx>, slot: usize, life: Life, mut rng: fastrand::Rng) 
                     ctx.ledger.cancelled(slot);
                 }
                 PollEnd::Transport => {
-                    inc(&ctx.figures.transport_errors);
                     ctx.ledger.cancelled(slot);
-                    sleep(Duration::from_millis(50)).await;
+                    if ctx.node_current(&channel.node) {
+                        inc(&ctx.figures.transport_errors);
+                        sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            if !ctx.node_current(&channel.node) {
+                // Its node is draining or gone: back to the main API for a URL elsewhere.
+                inc(&ctx.figures.moved);
+                ctx.ledger.node_lost(slot);
+                drop(conn.take());
+                match ctx.register_retrying(slot).await {
+                    Some(c) => channel = c,
+                    None => break 'life,
                 }
             }
             match life {
@@ -518,10 +578,11 @@ async fn publisher(ctx: Arc<Ctx>, mut rng: fastrand::Rng) {
                     .collect::<String>(),
             )
         };
-        for attempt in 0..100 {
-            let node = {
-                let nodes = ctx.nodes.read();
-                nodes[(n as usize + attempt) % nodes.len()]
+        for attempt in 0..400 {
+            let Some(node) = ctx.pick_node(n as usize + attempt) else {
+                inc(&ctx.figures.publish_retries);
+                sleep(Duration::from_millis(50)).await;
+                continue;
             };
             let sent = Instant::now();
             let res = ctx
@@ -556,6 +617,165 @@ async fn publisher(ctx: Arc<Ctx>, mut rng: fastrand::Rng) {
                     sleep(Duration::from_millis(50)).await;
                 }
             }
+        }
+    }
+}
+
+/// A `redis-server` of the soak's own, on a loopback port, storing nothing.
+async fn start_redis(bin: &str, port: u16) -> Result<tokio::process::Child, String> {
+    let child = tokio::process::Command::new(bin)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {bin}: {e}"))?;
+    let until = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > until {
+            return Err(format!("{bin} is not listening on port {port} after 10 s"));
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    Ok(child)
+}
+
+fn signal(pid: Option<u32>, sig: &str) {
+    if let Some(pid) = pid {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status();
+    }
+}
+
+/// Redis killed (SIGKILL) and restarted on the same port a second later. The main API takes
+/// no node as ready until its bus is back (`nudge_bus_connected` 1).
+async fn redis_drill(
+    ctx: Arc<Ctx>,
+    mut redis: tokio::process::Child,
+    bin: String,
+    port: u16,
+) -> Option<tokio::process::Child> {
+    ctx.ledger.bus_gap_begin();
+    for n in ctx.nodes.write().iter_mut() {
+        n.bus_ok = false;
+    }
+    let killed = Instant::now();
+    signal(redis.id(), "-KILL");
+    let _ = redis.wait().await;
+    sleep(Duration::from_secs(1)).await;
+    let redis = match start_redis(&bin, port).await {
+        Ok(r) => r,
+        Err(e) => {
+            ctx.drill_failures.lock().push(format!("redis drill: {e}"));
+            return None;
+        }
+    };
+    let restarted = killed.elapsed();
+    let until = Instant::now() + Duration::from_secs(30);
+    let mut back = Vec::new();
+    loop {
+        let addrs: Vec<(usize, NodeAddrs, bool)> = ctx
+            .nodes
+            .read()
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i, n.addrs, n.bus_ok))
+            .collect();
+        let mut all = true;
+        for (i, a, ok) in addrs {
+            if ok {
+                continue;
+            }
+            let url = format!("http://{}/metrics", a.internal);
+            let connected = match ctx.http.get(url).send().await {
+                Ok(r) => r
+                    .text()
+                    .await
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l == "nudge_bus_connected 1"),
+                Err(_) => false,
+            };
+            if connected {
+                ctx.nodes.write()[i].bus_ok = true;
+                back.push(format!("node {i} {:.2}s", killed.elapsed().as_secs_f64()));
+            } else {
+                all = false;
+            }
+        }
+        if all {
+            break;
+        }
+        if Instant::now() > until {
+            ctx.drill_failures
+                .lock()
+                .push("redis drill: a node did not resubscribe within 30 s".to_owned());
+            break;
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+    ctx.ledger.bus_gap_end();
+    ctx.drill_notes.lock().push(format!(
+        "redis killed and restarted after {:.2}s; resubscribed: {}",
+        restarted.as_secs_f64(),
+        back.join(", ")
+    ));
+    Some(redis)
+}
+
+/// Node `index` is drained with SIGTERM while the main API sends its clients elsewhere, then
+/// started again (new process, new ports) and taken back into rotation.
+async fn drain_drill(
+    ctx: Arc<Ctx>,
+    mut node: Node,
+    index: usize,
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+) -> Node {
+    let old_epoch = {
+        let mut nodes = ctx.nodes.write();
+        nodes[index].up = false;
+        nodes[index].addrs.epoch
+    };
+    let started = Instant::now();
+    node.sigterm();
+    let exit = node.wait_exit(Duration::from_secs(20)).await;
+    let drained = started.elapsed();
+    if !exit.is_some_and(|s| s.success()) {
+        ctx.drill_failures
+            .lock()
+            .push(format!("drain drill: {} exited {exit:?}", node.name));
+    }
+    let name = format!("{}-restarted", node.name);
+    match Node::start(&name, &bin, &args, log, &ctx.http).await {
+        Ok(new) => {
+            ctx.nodes.write()[index] = NodeSlot {
+                addrs: NodeAddrs {
+                    public: new.public,
+                    internal: new.internal,
+                    index,
+                    epoch: old_epoch + 1,
+                },
+                up: true,
+                bus_ok: true,
+            };
+            ctx.drill_notes.lock().push(format!(
+                "{} drained and exited 0 in {:.2}s; restarted and ready {:.2}s after the SIGTERM",
+                node.name,
+                drained.as_secs_f64(),
+                started.elapsed().as_secs_f64()
+            ));
+            new
+        }
+        Err(e) => {
+            ctx.drill_failures.lock().push(format!("drain drill: {e}"));
+            node
         }
     }
 }
@@ -633,6 +853,26 @@ async fn run(args: Args) -> Result<bool, String> {
         "1s".to_owned(),
     ]
     .into();
+    if args.drills && args.nodes != 2 {
+        return Err("--drills needs --nodes 2".to_owned());
+    }
+    if !(1..=2).contains(&args.nodes) {
+        return Err("--nodes is 1 or 2".to_owned());
+    }
+    let mut node_args = node_args;
+    let mut redis = None;
+    let mut redis_port = 0;
+    if args.nodes == 2 {
+        redis_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| e.to_string())?
+            .port();
+        redis = Some(start_redis(&args.redis_server, redis_port).await?);
+        node_args.extend([
+            "--redis-url".to_owned(),
+            format!("redis://127.0.0.1:{redis_port}"),
+        ]);
+    }
     let mut node = Node::start(
         "node-a",
         &bin,
@@ -642,6 +882,19 @@ async fn run(args: Args) -> Result<bool, String> {
     )
     .await?;
     let rss_baseline = node.rss_bytes().unwrap_or(0);
+    let mut other = match args.nodes {
+        2 => Some(
+            Node::start(
+                "node-b",
+                &bin,
+                &node_args,
+                log_dir.join("node-b.log"),
+                &http,
+            )
+            .await?,
+        ),
+        _ => None,
+    };
 
     // Clients: their kind, filter and topics are fixed per slot.
     let hot = hot_topics(args.topics);
@@ -674,11 +927,35 @@ async fn run(args: Args) -> Result<bool, String> {
         .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx {
-        ledger: Ledger::new(books, args.topics, args.deadline),
-        nodes: RwLock::new(vec![NodeAddrs {
-            public: node.public,
-            internal: node.internal,
-        }]),
+        // With a bus, a publish answered 200 is in Redis, not yet applied on the nodes.
+        ledger: Ledger::new(
+            books,
+            args.topics,
+            args.deadline,
+            if args.nodes > 1 {
+                Duration::from_millis(250)
+            } else {
+                Duration::ZERO
+            },
+        ),
+        nodes: RwLock::new(
+            std::iter::once(&node)
+                .chain(other.as_ref())
+                .enumerate()
+                .map(|(index, n)| NodeSlot {
+                    addrs: NodeAddrs {
+                        public: n.public,
+                        internal: n.internal,
+                        index,
+                        epoch: 0,
+                    },
+                    up: true,
+                    bus_ok: true,
+                })
+                .collect(),
+        ),
+        drill_notes: Mutex::new(Vec::new()),
+        drill_failures: Mutex::new(Vec::new()),
         http: http.clone(),
         head: AtomicU64::new(0),
         figures: Figures::default(),
@@ -717,9 +994,35 @@ async fn run(args: Args) -> Result<bool, String> {
     let mut rss_peak = rss_baseline;
     let end = started + args.duration;
     let mut ticks = 0u64;
+    let redis_drill_at = started + args.duration.mul_f64(0.2);
+    let drain_drill_at = started + args.duration.mul_f64(0.6);
+    let mut redis_task = None;
+    let mut drain_task = None;
     while Instant::now() < end {
         sleep(Duration::from_millis(100)).await;
         ctx.ledger.scan();
+        if args.drills && redis_task.is_none() && Instant::now() >= redis_drill_at {
+            eprintln!("soak: drill: Redis killed and restarted");
+            let r = redis.take().expect("started with --nodes 2");
+            redis_task = Some(tokio::spawn(redis_drill(
+                ctx.clone(),
+                r,
+                args.redis_server.clone(),
+                redis_port,
+            )));
+        }
+        if args.drills && drain_task.is_none() && Instant::now() >= drain_drill_at {
+            eprintln!("soak: drill: node-b drained with SIGTERM and restarted");
+            let b = other.take().expect("started with --nodes 2");
+            drain_task = Some(tokio::spawn(drain_drill(
+                ctx.clone(),
+                b,
+                1,
+                bin.clone(),
+                node_args.clone(),
+                log_dir.join("node-b-restarted.log"),
+            )));
+        }
         ticks += 1;
         if ticks.is_multiple_of(10) {
             rss_peak = rss_peak.max(node.rss_bytes().unwrap_or(0));
@@ -759,6 +1062,24 @@ async fn run(args: Args) -> Result<bool, String> {
     .await
     .is_ok();
     let soak_time = started.elapsed();
+    if let Some(t) = redis_task {
+        match tokio::time::timeout(Duration::from_secs(60), t).await {
+            Ok(Ok(r)) => redis = r,
+            _ => ctx
+                .drill_failures
+                .lock()
+                .push("redis drill did not finish".to_owned()),
+        }
+    }
+    if let Some(t) = drain_task {
+        match tokio::time::timeout(Duration::from_secs(60), t).await {
+            Ok(Ok(b)) => other = Some(b),
+            _ => ctx
+                .drill_failures
+                .lock()
+                .push("drain drill did not finish".to_owned()),
+        }
+    }
 
     // Leak check: everything returns to 0 once ttl has passed.
     let leak_started = Instant::now();
@@ -771,8 +1092,13 @@ async fn run(args: Args) -> Result<bool, String> {
     ];
     let mut last = Default::default();
     let drained = loop {
-        let m = node.metrics(&http).await.unwrap_or_default();
-        let values: Vec<f64> = gauges.iter().map(|g| *m.get(*g).unwrap_or(&-1.0)).collect();
+        let mut values = vec![0.0; gauges.len()];
+        for n in std::iter::once(&node).chain(other.as_ref()) {
+            let m = n.metrics(&http).await.unwrap_or_default();
+            for (v, g) in values.iter_mut().zip(gauges) {
+                *v += *m.get(g).unwrap_or(&-1.0);
+            }
+        }
         if values.iter().all(|&v| v == 0.0) {
             break Some(leak_started.elapsed());
         }
@@ -782,7 +1108,12 @@ async fn run(args: Args) -> Result<bool, String> {
         }
         sleep(Duration::from_millis(200)).await;
     };
-    let node_metrics = node.metrics(&http).await.unwrap_or_default();
+    let mut node_metrics = node.metrics(&http).await.unwrap_or_default();
+    if let Some(b) = &other {
+        for (k, v) in b.metrics(&http).await.unwrap_or_default() {
+            *node_metrics.entry(k).or_default() += v;
+        }
+    }
     // "Near its baseline": within 10 % of what the run added (at least 8 MiB, for the
     // allocator's own bookkeeping and the node's 60 s memory of retired ids). The allocator
     // hands freed pages back within seconds (jemalloc's decay), so wait up to 30 s for it.
@@ -803,9 +1134,28 @@ async fn run(args: Args) -> Result<bool, String> {
 
     // Shutdown: SIGTERM drains and exits 0.
     node.sigterm();
-    let exit = node.wait_exit(Duration::from_secs(15)).await;
+    if let Some(b) = &other {
+        b.sigterm();
+    }
+    let mut exit = node.wait_exit(Duration::from_secs(15)).await;
+    if let Some(b) = other.as_mut() {
+        let e = b.wait_exit(Duration::from_secs(15)).await;
+        if !e.is_some_and(|e| e.success()) {
+            exit = e;
+        }
+    }
+    if let Some(mut r) = redis {
+        signal(r.id(), "-TERM");
+        let _ = tokio::time::timeout(Duration::from_secs(10), r.wait()).await;
+    }
     let ids = ctx.ids.lock().clone();
-    let ids_logged = ids_in_log(&node.log, &ids);
+    let ids_logged: usize = std::fs::read_dir(&log_dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| ids_in_log(&e.path(), &ids))
+                .sum()
+        })
+        .unwrap_or(0);
 
     // The report.
     let f = &ctx.figures;
@@ -829,7 +1179,7 @@ async fn run(args: Args) -> Result<bool, String> {
         args.max_retries
     );
     println!(
-        "  polls        {:>9}  (nudge counted {node_polls}): new_change {}, reconnect {}, max_retries {}, cancelled mid-park {} (+{} answered just before), 429 {}, 503 {}",
+        "  polls        {:>9}  (nudge's running processes counted {node_polls}): new_change {}, reconnect {}, max_retries {}, cancelled mid-park {} (+{} answered just before), 429 {}, 503 {}",
         g(&f.polls),
         g(&f.new_change),
         g(&f.reconnect),
@@ -909,10 +1259,25 @@ async fn run(args: Args) -> Result<bool, String> {
     );
     println!("  ids in log   {ids_logged} of {} channel ids", ids.len());
     println!(
-        "  shutdown     {} {}",
-        node.name,
+        "  shutdown     SIGTERM to {}: {}",
+        std::iter::once(&node)
+            .chain(other.as_ref())
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         exit.map_or("did not exit".to_owned(), |s| s.to_string())
     );
+    for note in ctx.drill_notes.lock().iter() {
+        println!("  drill        {note}");
+    }
+    if args.drills {
+        println!(
+            "  drills       {} obligations published around the bus gap (deadline: 2 s + the 2 s gap spread after every node resubscribed), slowest {:.2}s; {} clients moved off the drained node",
+            g(&c.gap_obligations),
+            ctx.ledger.gap_latency_max().as_secs_f64(),
+            g(&f.moved)
+        );
+    }
     if g(&f.transport_errors) + g(&f.protocol_errors) > 0 {
         println!(
             "  errors       transport {}, protocol {}",
@@ -964,6 +1329,7 @@ async fn run(args: Args) -> Result<bool, String> {
     if g(&f.polls) == 0 || g(&f.publishes) == 0 || g(&c.woken) == 0 {
         failures.push("nothing happened".to_owned());
     }
+    failures.extend(ctx.drill_failures.lock().iter().cloned());
     if let Some(path) = &args.report {
         let report = json!({
             "clients": args.clients, "burst": args.burst, "topics": args.topics,

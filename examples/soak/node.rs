@@ -17,7 +17,6 @@ pub struct Node {
     pub public: SocketAddr,
     pub internal: SocketAddr,
     pub pid: u32,
-    pub log: PathBuf,
     child: Child,
 }
 
@@ -85,7 +84,6 @@ impl Node {
             public,
             internal,
             pid,
-            log,
             child,
         };
         let ready = node.internal_url("/readyz");
