@@ -51,7 +51,9 @@ cargo test --locked --all-targets
 
 step "churn soak, short mode (examples/soak: lost changes, leaks, memory; docs/reliability.md)"
 cargo build --locked --bin nudge --example soak
-target/debug/examples/soak --duration 30s --clients 300 --burst 500 --topics 100
+# Two nodes on a Redis bus, with the fault drills: Redis killed and restarted, a node
+# drained and restarted, a burst of clients; then the leak and memory checks.
+target/debug/examples/soak --duration 40s --clients 300 --burst 500 --topics 100 --nodes 2 --drills
 
 if [ -f deploy/check.sh ]; then
     step "deploy/ checks"
