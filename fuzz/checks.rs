@@ -98,3 +98,43 @@ pub fn register_body(data: &[u8]) {
     let counts = hub.counts();
     assert_eq!((counts.channels, counts.topics, counts.parked), (0, 0, 0));
 }
+
+/// The public listener's own request-head reader (`src/http/fast.rs`): the first byte says
+/// whether CORS is on, the rest is what arrived on the socket. A head it serves itself is
+/// served the same from its own bytes alone, with the query read as the hyper path reads it.
+pub fn fast_classify(data: &[u8]) {
+    use nudge::http::fast::{Classified, classify};
+    let Some((&flags, buf)) = data.split_first() else {
+        return;
+    };
+    let cors = flags & 1 == 1;
+    match classify(buf, cors) {
+        Classified::Fast { len, request } => {
+            assert!(len <= buf.len());
+            assert_eq!(
+                buf[..len].last(),
+                Some(&b'\n'),
+                "a head ends with its blank line"
+            );
+            assert_eq!(
+                classify(&buf[..len], cors),
+                Classified::Fast {
+                    len,
+                    request: nudge::http::fast::FastRequest {
+                        query: request.query.clone(),
+                        close: request.close,
+                    },
+                }
+            );
+            assert!(!request.query.channel.is_empty());
+            // Turning CORS on can only send more requests to hyper.
+            if !cors {
+                assert!(matches!(
+                    classify(buf, true),
+                    Classified::Fast { .. } | Classified::Hyper
+                ));
+            }
+        }
+        Classified::Hyper | Classified::Partial => {}
+    }
+}

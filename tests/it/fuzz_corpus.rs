@@ -42,3 +42,8 @@ fn publish_body_inputs() {
 fn register_body_inputs() {
     replay("register_body", checks::register_body);
 }
+
+#[test]
+fn fast_classify_inputs() {
+    replay("fast_classify", checks::fast_classify);
+}
