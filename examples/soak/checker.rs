@@ -31,7 +31,7 @@ struct Obligation {
     sent: Instant,
     answered: Instant,
     /// Published around a gap in the bus (Redis drill): its clock starts when every node
-    /// has resubscribed, and it gets the nodes' gap spread on top of the deadline.
+    /// has resubscribed and spread its wake-ups.
     gap: bool,
     /// The client's paused clock when the obligation was recorded.
     paused_at_start: Duration,
@@ -168,11 +168,13 @@ impl Ledger {
         }
     }
 
-    /// A publish sent at `sent` falls in the bus gap window.
+    /// A publish sent at `sent` falls in the bus gap window, which lasts until the nodes'
+    /// gap spread is over: until then a parked poll may be waiting for its spread answer,
+    /// out of its channel's waiter list, so a publish marks the channel instead of waking it.
     fn in_bus_gap(&self, sent: Instant) -> bool {
-        self.bus_gap
-            .lock()
-            .is_some_and(|(start, end)| sent >= start && end.is_none_or(|end| sent <= end))
+        self.bus_gap.lock().is_some_and(|(start, end)| {
+            sent >= start && end.is_none_or(|end| sent <= end + GAP_SPREAD)
+        })
     }
 
     /// The bus goes away now (publishes sent up to 1 s before may have been in flight).
@@ -195,12 +197,13 @@ impl Ledger {
         if !o.gap {
             return (b.elapsed(o, now), self.deadline);
         }
+        // Due `deadline` after the gap spread is over (or after the publish, if later).
         let gap_end = self.bus_gap.lock().and_then(|(_, end)| end);
         match gap_end {
-            None => (Duration::ZERO, self.deadline + GAP_SPREAD),
+            None => (Duration::ZERO, self.deadline),
             Some(end) => (
-                now.saturating_duration_since(end.max(o.sent)),
-                self.deadline + GAP_SPREAD,
+                now.saturating_duration_since((end + GAP_SPREAD).max(o.sent)),
+                self.deadline,
             ),
         }
     }

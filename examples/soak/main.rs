@@ -2,8 +2,10 @@
 //!
 //! ```sh
 //! cargo build --release --bin nudge --example soak
-//! target/release/examples/soak --duration 10m --clients 1000 --topics 400   # by hand
-//! target/debug/examples/soak --duration 30s                                  # scripts/test.sh
+//! # by hand (docs/reliability.md has its latest figures):
+//! target/release/examples/soak --duration 150s --clients 600 --burst 2000 --topics 200 --nodes 2 --drills
+//! # scripts/test.sh, on the debug build:
+//! target/debug/examples/soak --duration 40s --clients 300 --burst 500 --topics 100 --nodes 2 --drills
 //! ```
 //!
 //! It starts `nudge` (next to this program in `target/<profile>/`, or `--nudge PATH`) on free
@@ -11,19 +13,25 @@
 //! - **the main API**: an event log (one global position counter, like Box's
 //!   `stream_position`), channel registration on nudge's internal listener, and publishes
 //!   with positions over many topics (a few hot, most quiet; single objects, arrays and
-//!   NDJSON; some with a `stream_type`);
-//! - **clients** (`--clients`, plus a `--burst` arriving all at once partway through) that
-//!   register, long-poll with raw HTTP/1.1 on keep-alive connections, drop a poll mid-park
-//!   now and then (closing the socket), pause at random between polls, re-register on
-//!   `max_retries`, and now and then leave for longer than `ttl` and come back;
+//!   NDJSON; some with a `stream_type`). It registers and publishes only on ready nodes;
+//! - **clients** (`--clients`, plus a `--burst` arriving all at once at 40 % of the run)
+//!   that register, long-poll with raw HTTP/1.1 on keep-alive connections, drop a poll
+//!   mid-park now and then (closing the socket), pause at random between polls, re-register
+//!   on `max_retries`, and now and then leave for longer than `ttl` and come back;
 //! - **a checker** that holds every publish against every client it concerns.
+//!
+//! With `--nodes 2` it also starts a `redis-server` of its own as the bus of two nodes, and
+//! with `--drills` it runs the fault drills: at 20 % of the run Redis is killed (SIGKILL) and
+//! restarted a second later; at 60 % the second node is drained with SIGTERM (it must exit
+//! 0) and started again, while its clients go back to the main API for a URL on the other.
 //!
 //! Small `--ttl`, `--retry-timeout` and `--max-retries` make reconnects, retirements and
 //! expiries happen all the time. At the end every client leaves, and the run checks that
 //! `nudge_channels`, `nudge_parked_polls`, `nudge_topics` and `nudge_open_connections` return
-//! to 0 once `ttl` has passed, that resident memory comes back near its baseline, that no
-//! channel id appears in nudge's log, and that SIGTERM exits 0. It prints polls, publishes,
-//! wakes, the latency distribution and `lost: N`, and exits 1 on any failure.
+//! to 0 on every node once `ttl` has passed, that resident memory comes back near its
+//! baseline, that no channel id appears in any node's log, and that SIGTERM exits 0. It
+//! prints polls, publishes, wakes, the latency distribution and `lost: N`, and exits 1 on
+//! any failure.
 //!
 //! ## The checker's rule
 //! Two kinds of clients, as in the wild:
@@ -55,7 +63,15 @@
 //!   - the channel answered `max_retries` to a poll sent before `a`: the publish raced the
 //!     retirement. But if `a` came before that poll was sent, the change was pending when
 //!     the poll arrived and must have won over the spent budget: that is a loss at once;
-//!   - the client's node went away (drills only).
+//!   - the client's node was drained (drills only).
+//!
+//! With a bus, a publish answered `200` is in Redis, not yet applied on the nodes: the
+//! `max_retries` case above then allows 250 ms between the answer and the poll. A change
+//! published around a gap in the bus (from 1 s before Redis is killed until the nodes' 2 s
+//! gap spread after the last one resubscribed is over) is due `--deadline` after that
+//! spread: until a node has resubscribed it cannot know of the change, and until its
+//! spread is over a parked poll may be out of its channel's list, waiting for its spread
+//! `new_change` (README, "When something dies").
 //!
 //! An obligation not discharged within `--deadline` (2 s) is **lost**. The clock runs from
 //! `s` and stops while the client deliberately pauses between polls (a paused client is not
@@ -1272,7 +1288,7 @@ async fn run(args: Args) -> Result<bool, String> {
     }
     if args.drills {
         println!(
-            "  drills       {} obligations published around the bus gap (deadline: 2 s + the 2 s gap spread after every node resubscribed), slowest {:.2}s; {} clients moved off the drained node",
+            "  drills       {} obligations published around the bus gap (due 2 s after the nodes' 2 s gap spread), slowest {:.2}s; {} clients moved off the drained node",
             g(&c.gap_obligations),
             ctx.ledger.gap_latency_max().as_secs_f64(),
             g(&f.moved)
