@@ -395,8 +395,9 @@ impl Ledger {
 
     /// A poll sent at `poll_sent` was answered `max_retries`. For a mark client, a change
     /// published (answered, and with a bus delivered) before that poll was sent should have
-    /// won over the spent budget (SPEC §3 order): it is lost. One that raced the poll is
-    /// excused.
+    /// won over the spent budget (SPEC §3 order): it is lost. One that raced the poll, or
+    /// was published around a gap in the bus (the node may never have seen it, and the gap
+    /// marks only channels still live when it ends), is excused.
     pub fn max_retries(&self, slot: usize, poll_sent: Instant) {
         let now = Instant::now();
         let mut b = self.books[slot].lock();
@@ -407,7 +408,9 @@ impl Ledger {
         self.forget_overdue(&mut b);
         let obligations = std::mem::take(&mut b.obligations);
         for o in obligations {
-            if o.answered + self.bus_delay < poll_sent {
+            // Around a bus gap a node may never have seen the change; it marks the channels
+            // that are still live when it resubscribes, and a retired one is not.
+            if !o.gap && o.answered + self.bus_delay < poll_sent {
                 self.record_lost(
                     slot,
                     &b,

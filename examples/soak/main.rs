@@ -62,7 +62,9 @@
 //!     not a nudge loss. A change published after the cancel must still come;
 //!   - the channel answered `max_retries` to a poll sent before `a`: the publish raced the
 //!     retirement. But if `a` came before that poll was sent, the change was pending when
-//!     the poll arrived and must have won over the spent budget: that is a loss at once;
+//!     the poll arrived and must have won over the spent budget: that is a loss at once
+//!     (unless it was published around a bus gap, see below: a channel retired during the
+//!     gap is not live when the gap ends, and only live channels are marked);
 //!   - the client's node was drained (drills only).
 //!
 //! With a bus, a publish answered `200` is in Redis, not yet applied on the nodes: the
