@@ -1,0 +1,250 @@
+"""The Box SDKs, unchanged, receive every change through nudge.
+
+Each test runs one SDK's own event stream (see clients/ and node/) against the
+Box-shaped main API in examples/ and a fresh nudge, and checks that every
+event the main API appended reaches the client exactly once, and that the
+client never loops hot (scenario 5, checked in every test).
+
+Scenarios (the issue's numbering):
+  1 test_steady_changes         single changes at a steady pace, and a burst larger than a page
+  2 test_quiet_periods          quiet longer than the park time: reconnects, then changes
+  3 test_small_max_retries      channels with max_retries=1 retire; the client re-registers
+  4 test_revoked                the channel is revoked while the client is parked
+  4 test_restart_with_downtime  nudge stops (connections refused) and a new node starts
+  4 test_restart_behind_lb      a new node takes the address with no downtime (channel unknown)
+"""
+
+import collections
+import time
+
+import pytest
+
+from harness import CLIENTS, wait_until
+
+ALL = list(CLIENTS)
+SUBJECT = "user:42"
+
+# Scenario 5: "never a hot loop". Over any 2 s, a client makes at most this many
+# requests to nudge and, separately, to the main API; and on average at most
+# AVG_LIMIT per second over the whole test. A hot loop does hundreds a second.
+WINDOW = 2.0
+WINDOW_LIMIT = 16
+AVG_LIMIT = 4.0
+
+
+def rate_report(times, t_start):
+    """Most requests within any WINDOW seconds, and requests per second since
+    the test started (over at least 5 s)."""
+    times = sorted(times)
+    if not times:
+        return 0, 0.0
+    worst, j = 0, 0
+    for i, t in enumerate(times):
+        while times[j] < t - WINDOW:
+            j += 1
+        worst = max(worst, i - j + 1)
+    span = max(time.time() - t_start, 5.0)
+    return worst, len(times) / span
+
+
+def assert_no_hot_loop(stack):
+    for name, times in (("nudge", [p["t"] for p in stack.polls()]),
+                        ("main API", [r["t"] for r in stack.api_requests()])):
+        worst, avg = rate_report(times, stack.t_start)
+        stack.notes[f"{name} requests"] = len(times)
+        stack.notes[f"{name} max per {WINDOW:g}s"] = worst
+        stack.notes[f"{name} avg per s"] = round(avg, 2)
+        assert worst <= WINDOW_LIMIT, f"{stack.client_kind}: {worst} requests to {name} within {WINDOW}s"
+        assert avg <= AVG_LIMIT, f"{stack.client_kind}: {avg:.1f} requests/s to {name} on average"
+
+
+def assert_exactly_once(stack, published):
+    got = stack.client.event_ids()
+    dupes = [i for i, n in collections.Counter(got).items() if n > 1]
+    assert not dupes, f"{stack.client_kind} received duplicates: {dupes}"
+    assert sorted(got) == sorted(published), (
+        f"{stack.client_kind}: missing {sorted(set(published) - set(got))}, "
+        f"unexpected {sorted(set(got) - set(published))}")
+
+
+def count_messages(stack, message):
+    return sum(1 for m in stack.messages() if m == message)
+
+
+def channel_of(target):
+    for part in target.split("?", 1)[-1].split("&"):
+        if part.startswith("channel="):
+            return part[len("channel="):]
+    return None
+
+
+def assert_sdk_sent_authorization(stack):
+    """Every SDK sends its API bearer token to the realtime URL too; nudge ignores it."""
+    polls = stack.polls()
+    assert polls and all(p["authorization"] for p in polls)
+
+
+def assert_all_answers_ok(stack):
+    bad = [(p["target"], p["status"], p["message"]) for p in stack.polls()
+           if p["status"] is not None and (p["status"] != 200 or p["message"] not in
+                                           ("new_change", "reconnect", "max_retries"))]
+    assert not bad, f"nudge answered an SDK poll with something else than 200 + a message: {bad}"
+
+
+# --------------------------------------------------------------------------- 1
+@pytest.mark.parametrize("client", ALL)
+def test_steady_changes(make_stack, client):
+    # Pages of at most 5 events: a burst of 12 takes several GET /events, and the
+    # SDKs that fetch one page per new_change rely on nudge's stream_position
+    # check to come back for the rest at once.
+    s = make_stack(client, api_args=["--max-page", "5"])
+    s.wait_ready()
+    published = []
+    for _ in range(8):
+        published += s.api.publish(1)["event_ids"]
+        time.sleep(0.8)  # the publisher's pace, not a wait for the client
+    published += s.api.publish(12)["event_ids"]
+    time.sleep(0.8)
+    for _ in range(3):
+        published += s.api.publish(1)["event_ids"]
+        time.sleep(0.8)
+    s.wait_received(published, timeout=40)
+    assert_exactly_once(s, published)
+    assert_sdk_sent_authorization(s)
+    assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
+
+
+# --------------------------------------------------------------------------- 2
+@pytest.mark.parametrize("client", ALL)
+def test_quiet_periods(make_stack, client):
+    s = make_stack(client)
+    s.wait_ready()
+    published = []
+    for quiet_reconnects, burst in ((3, 1), (2, 2)):
+        base = count_messages(s, "reconnect")
+        wait_until(lambda: (s.check_client_alive(), count_messages(s, "reconnect") >= base + quiet_reconnects)[1],
+                   timeout=6 * quiet_reconnects, what="reconnects during a quiet period")
+        ids = s.api.publish(burst)["event_ids"]
+        published += ids
+        s.wait_received(ids, timeout=20)
+    assert_exactly_once(s, published)
+    s.notes["reconnects"] = count_messages(s, "reconnect")
+    s.notes["OPTIONS"] = s.options_count()
+    assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
+
+
+# --------------------------------------------------------------------------- 3
+@pytest.mark.parametrize("client", ALL)
+def test_small_max_retries(make_stack, client):
+    # Every channel the main API registers asks for max_retries=1: it answers
+    # "reconnect" at most twice, then "max_retries" and is gone.
+    s = make_stack(client, api_args=["--channel-max-retries", "1"])
+    s.wait_ready()
+    published = []
+    for round_ in range(2):
+        base = s.options_count()
+        # Quiet until the client has been through at least two more channels.
+        wait_until(lambda: (s.check_client_alive(), s.options_count() >= base + 2)[1],
+                   timeout=25, what="the client to re-register through OPTIONS")
+        ids = s.api.publish(1 + round_)["event_ids"]
+        published += ids
+        s.wait_received(ids, timeout=25)
+    assert_exactly_once(s, published)
+
+    # nudge kept every channel within its budget: 1 + max_retries reconnects.
+    per_channel = collections.Counter(channel_of(p["target"]) for p in s.polls() if p["message"] == "reconnect")
+    assert per_channel and max(per_channel.values()) <= 2, per_channel
+    s.notes["max_retries answers"] = count_messages(s, "max_retries")
+    s.notes["OPTIONS"] = s.options_count()
+    s.notes["channels polled"] = len({channel_of(p["target"]) for p in s.polls()})
+    if client == "boxsdk-3.9.2":
+        # boxsdk 3.x re-polls on reconnect with no counter of its own: it is the
+        # one that spends the channel's budget, gets max_retries, and goes back
+        # to OPTIONS.
+        assert s.notes["max_retries answers"] >= 1
+    assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
+
+
+# --------------------------------------------------------------------------- 4
+@pytest.mark.parametrize("client", ALL)
+def test_revoked(make_stack, client):
+    s = make_stack(client)
+    s.wait_ready()
+    published = s.api.publish(1)["event_ids"]
+    s.wait_received(published, timeout=20)
+    wait_until(lambda: any(p["t_answer"] is None for p in s.polls()), 15, what="a parked poll")
+
+    options_before = s.options_count()
+    t_revoke = time.time()
+    status, body = s.nudge.post("/v1/revoke", {"subject": SUBJECT})
+    assert status == 200 and body["revoked"] >= 1, (status, body)
+    # The parked poll is answered max_retries at once.
+    wait_until(lambda: count_messages(s, "max_retries") >= 1, 5, what="the parked poll to get max_retries")
+    # A change right after the revocation: the client must still get it once it
+    # has come back through OPTIONS (the main API authorizes it again here).
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    s.wait_received(ids, timeout=50)
+    t_new = min(r["t"] for r in s.api_requests() if r["method"] == "OPTIONS" and r["t"] > t_revoke)
+    s.notes["seconds from revoke to new OPTIONS"] = round(t_new - t_revoke, 2)
+    s.notes["polls on the revoked channel after revoke"] = sum(
+        1 for p in s.polls() if p["t"] > t_revoke and p["t"] < t_new)
+    assert s.options_count() > options_before
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    s.wait_received(ids, timeout=20)
+    assert_exactly_once(s, published)
+    assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
+
+
+def _restart(s, downtime):
+    s.wait_ready()
+    published = s.api.publish(1)["event_ids"]
+    s.wait_received(published, timeout=20)
+    wait_until(lambda: any(p["t_answer"] is None for p in s.polls()), 15, what="a parked poll")
+    options_before = s.options_count()
+    t_restart = time.time()
+    code = s.restart_nudge(downtime=downtime)
+    assert code == 0, "nudge should drain and exit 0 on SIGTERM"
+    s.notes["restart took"] = round(time.time() - t_restart, 2)
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    return published, options_before, t_restart
+
+
+@pytest.mark.parametrize("client", ALL)
+def test_restart_behind_lb(make_stack, client):
+    """A new node takes the public address before the old one drains: the
+    client's channel is unknown to the node it reaches next."""
+    s = make_stack(client)
+    published, options_before, t_restart = _restart(s, downtime=False)
+    s.wait_received(published, timeout=50)
+    assert s.options_count() > options_before
+    t_new = min(r["t"] for r in s.api_requests() if r["method"] == "OPTIONS" and r["t"] > t_restart)
+    s.notes["seconds from restart to new OPTIONS"] = round(t_new - t_restart, 2)
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    s.wait_received(ids, timeout=20)
+    assert_exactly_once(s, published)
+    assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
+
+
+@pytest.mark.parametrize("client", ALL)
+def test_restart_with_downtime(make_stack, client):
+    """nudge is stopped (SIGTERM: it drains, then exits) and started again; in
+    between, connections to its address are refused."""
+    s = make_stack(client)
+    published, options_before, t_restart = _restart(s, downtime=True)
+    s.wait_received(published, timeout=50)
+    assert s.options_count() > options_before
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    s.wait_received(ids, timeout=20)
+    assert_exactly_once(s, published)
+    assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
