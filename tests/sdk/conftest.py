@@ -153,8 +153,10 @@ def make_stack(tmp_path, request):
     stacks = []
 
     def make(client_kind, nudge_args=(), api_args=(), start_client=True):
-        args = list(DEFAULT_NUDGE_ARGS)
-        args.extend(nudge_args)
+        # nudge_args override the defaults flag by flag (clap takes a flag once).
+        flags = dict(zip(DEFAULT_NUDGE_ARGS[::2], DEFAULT_NUDGE_ARGS[1::2]))
+        flags.update(zip(list(nudge_args)[::2], list(nudge_args)[1::2]))
+        args = [x for kv in flags.items() for x in kv]
         stack = Stack(tmp_path, client_kind, args, api_args)
         stacks.append(stack)
         return stack.start(start_client=start_client)
@@ -179,7 +181,8 @@ def record_results(nodeid, stack):
         t0 = min([p["t"] for p in polls] + [r["t"] for r in stack.api_requests()] or [0]) if stack.api else 0
         timeline = sorted(
             [(round(p["t"] - t0, 2), "nudge", p["method"], p["target"].split("?", 1)[-1][:40],
-              p["status"], p["message"], round((p["t_answer"] or p["t"]) - p["t"], 2)) for p in polls]
+              p["status"], p["message"], round((p["t_answer"] or p["t"]) - p["t"], 2),
+              f"conn {p['conn']} to :{p['upstream']}") for p in polls]
             + [(round(r["t"] - t0, 2), "api", r["method"], json.dumps(r["query"]), None, None, None)
                for r in (stack.api_requests() if stack.api else [])]
         )
@@ -199,7 +202,7 @@ def record_results(nodeid, stack):
 
 def pytest_collection_modifyitems(config, items):
     # Long scenarios first, so that parallel workers finish together.
-    order = {"restart": 0, "revoked": 1, "max_retries": 2, "quiet": 3}
+    order = {"default_park": 0, "restart": 1, "revoked": 2, "max_retries": 3, "quiet": 4}
     def key(item):
         for k, v in order.items():
             if k in item.name:

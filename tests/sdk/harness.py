@@ -97,7 +97,7 @@ class Nudge:
         if not NUDGE_BIN.exists():
             raise RuntimeError(f"{NUDGE_BIN} is missing: build it with cargo build --release")
         env = dict(os.environ)
-        env.setdefault("RUST_LOG", "debug")
+        env.setdefault("RUST_LOG", "debug,nudge=trace")
         env.update(self.env or {})
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(

@@ -168,6 +168,7 @@ class Relay:
         with self.lock:
             target = self.target
             self.connections += 1
+            conn_id = self.connections
         if target is None:
             cwriter.transport.abort()
             return
@@ -184,6 +185,8 @@ class Relay:
             parts = line.split(" ")
             rec = {
                 "t": time.time(),
+                "conn": conn_id,
+                "upstream": target[1],
                 "method": parts[0],
                 "target": parts[1] if len(parts) > 1 else "",
                 "authorization": "authorization" in headers,

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from harness import CLIENTS, wait_until
+from harness import CLIENTS, TOKEN, http_json, wait_until
 
 ALL = list(CLIENTS)
 SUBJECT = "user:42"
@@ -27,8 +27,8 @@ SUBJECT = "user:42"
 # Scenario 5: "never a hot loop". Over any 2 s, a client makes at most this many
 # requests to nudge and, separately, to the main API; and on average at most
 # AVG_LIMIT per second over the whole test. A hot loop does hundreds a second.
-WINDOW = 2.0
-WINDOW_LIMIT = 16
+WINDOW = 1.0
+WINDOW_LIMIT = 10
 AVG_LIMIT = 4.0
 
 
@@ -234,17 +234,162 @@ def test_restart_behind_lb(make_stack, client):
     assert_no_hot_loop(s)
 
 
+# SDKs whose event stream ends with an error when the realtime server refuses
+# the connection: the application has to start the stream again.
+STOPS_ON_REFUSED = {"boxsdk-3.9.2"}
+
+
 @pytest.mark.parametrize("client", ALL)
 def test_restart_with_downtime(make_stack, client):
     """nudge is stopped (SIGTERM: it drains, then exits) and started again; in
     between, connections to its address are refused."""
     s = make_stack(client)
     published, options_before, t_restart = _restart(s, downtime=True)
-    s.wait_received(published, timeout=50)
+
+    def settled():
+        if set(published) <= set(s.client.event_ids()):
+            return "recovered"
+        if not s.client.alive():
+            return "stopped"
+        return None
+
+    outcome = wait_until(settled, 50, what=f"{client} to recover or stop")
+    s.notes["outcome"] = outcome
+    if outcome == "stopped":
+        fatal = s.client.of_kind("fatal")
+        assert client in STOPS_ON_REFUSED, f"{client} stopped: {fatal}"
+        assert fatal and "ConnectionError" in fatal[-1]["error"] and "refused" in fatal[-1]["error"], fatal
+        # What the application must do: start the event stream again. It starts
+        # at "now", so the change published during the restart is not delivered.
+        s.notes["fatal"] = fatal[-1]["error"][:200]
+        s.start_client()
+        s.wait_ready()
+        ids = s.api.publish(1)["event_ids"]
+        s.wait_received(ids, timeout=20)
+        assert_exactly_once(s, ids)
+        assert_no_hot_loop(s)
+        return
     assert s.options_count() > options_before
     ids = s.api.publish(1)["event_ids"]
     published += ids
     s.wait_received(ids, timeout=20)
     assert_exactly_once(s, published)
     assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
+
+
+# ------------------------------------------------------------------ pins
+def test_registration_body_is_box_shaped(make_stack):
+    """OPTIONS /2.0/events returns nudge's POST /v1/channels body as is. The
+    SDKs need Box's exact shape: box-node-sdk 10.x rejects a numeric ttl or
+    max_retries and a non-numeric retry_timeout (and then re-sends OPTIONS with
+    no delay); boxsdk 3.x hands retry_timeout to requests as its read timeout,
+    so it must be a number; boxsdk 10.x and box-node-sdk 10.x parse max_retries
+    as an integer string to count their polls."""
+    s = make_stack("boxsdk-10.18.0", api_args=["--channel-max-retries", "2"], start_client=False)
+    status, body = http_json("OPTIONS", s.api.url + "/2.0/events", headers={"Authorization": "Bearer " + TOKEN})
+    assert status == 200, (status, body)
+    assert body["chunk_size"] == 1 and len(body["entries"]) == 1
+    entry = body["entries"][0]
+    assert entry["type"] == "realtime_server"
+    assert isinstance(entry["ttl"], str) and entry["ttl"].isdigit()
+    assert entry["max_retries"] == "2"  # the channel's own limit, as a string
+    assert isinstance(entry["retry_timeout"], int) and not isinstance(entry["retry_timeout"], bool)
+    assert entry["retry_timeout"] == 3
+    assert entry["url"].startswith(s.relay_url + "/subscribe?channel=")
+    assert "stream_type=all" in entry["url"]
+
+
+def test_default_park_time_within_sdk_read_timeout(make_stack):
+    """With nudge's default retry_timeout (60 s) a parked poll is answered
+    reconnect before the 60 s read timeout of boxsdk 10.x (and the Java SDK):
+    the SDK sees reconnect, not a read error."""
+    s = make_stack("boxsdk-10.18.0", nudge_args=["--retry-timeout", "60s"])
+    s.wait_ready()
+    first = wait_until(lambda: [p for p in s.polls() if p["message"] == "reconnect"], 65,
+                       interval=0.5, what="the first reconnect")[0]
+    held = first["t_answer"] - first["t"]
+    s.notes["default park seconds"] = round(held, 1)
+    assert 45 <= held < 55, held  # 60 s - 6 s grace - up to 10 % jitter
+    assert not s.client.of_kind("error") and s.client.alive()
+    ids = s.api.publish(1)["event_ids"]
+    s.wait_received(ids, timeout=10)
+
+
+def _park_bystanders(s, n):
+    """n polls parked directly on nudge (not through the relay) on channels of
+    other users, so that a drain takes its whole period to answer them all."""
+    import http.client
+    import threading
+
+    def poll(url):
+        u = url.split("//", 1)[1]
+        hostport, path = u.split("/", 1)
+        conn = http.client.HTTPConnection(hostport, timeout=60)
+        try:
+            conn.request("GET", "/" + path)
+            conn.getresponse().read()
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    threads = []
+    for i in range(n):
+        status, body = s.nudge.post("/v1/channels", {"topics": [f"bystander:{i}"]})
+        assert status == 201, (status, body)
+        url = body["entries"][0]["url"].replace(s.relay_url, "http://" + s.nudge.public)
+        t = threading.Thread(target=poll, args=(url,), daemon=True)
+        t.start()
+        threads.append(t)
+
+    def parked():
+        status, text = http_json_text(s.nudge.internal + "/metrics")
+        for line in text.splitlines():
+            if line.startswith("nudge_parked_polls "):
+                return float(line.split()[1]) >= n + 1
+        return False
+    wait_until(parked, 10, what="the bystander polls to park")
+    return threads
+
+
+def http_json_text(url):
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status, resp.read().decode()
+
+
+DRAIN_KEEPALIVE_LOOP = pytest.mark.xfail(
+    reason="nudge change needed: while draining, nudge answers a poll that arrives on an open "
+           "keep-alive connection with reconnect at once and keeps the connection open, so SDKs that "
+           "re-poll on reconnect (boxsdk 3.x, boxsdk 10.x) or on max_retries (box-node-sdk 3.x) loop "
+           "hot against the draining node until it closes its connections. Answers given while "
+           "draining should close the connection (Connection: close).",
+    strict=False)
+
+
+@pytest.mark.parametrize("client", [
+    pytest.param(c, marks=DRAIN_KEEPALIVE_LOOP) if c != "box-node-sdk-10.12.0" else c for c in ALL])
+def test_drain_no_hot_loop(make_stack, client):
+    """A node drains (SIGTERM) with many polls parked, so the drain lasts its
+    whole period, while a new node has taken its address. The client's
+    connection is still to the draining node: its next polls must not loop."""
+    s = make_stack(client, nudge_args=["--retry-timeout", "30s", "--drain-period", "4s"])
+    s.wait_ready()
+    published = s.api.publish(1)["event_ids"]
+    s.wait_received(published, timeout=20)
+    wait_until(lambda: any(p["t_answer"] is None for p in s.polls()), 15, what="a parked poll")
+    _park_bystanders(s, 40)
+    t0 = time.time()
+    code = s.restart_nudge(downtime=False)
+    assert code == 0
+    t1 = time.time()
+    during = [p for p in s.polls() if t0 <= p["t"] <= t1]
+    s.notes["drain seconds"] = round(t1 - t0, 2)
+    s.notes["polls during drain"] = len(during)
+    s.notes["answers during drain"] = collections.Counter(p["message"] for p in during)
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    s.wait_received(ids, timeout=50)
+    assert_exactly_once(s, published)
     assert_no_hot_loop(s)
