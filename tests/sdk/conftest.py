@@ -40,6 +40,7 @@ class Stack:
         self.client = None
         self.notes = {}
         self.restarts = 0
+        self.nudges_made = 0
 
     def start(self, start_client=True):
         self.t_start = time.time()
@@ -55,8 +56,8 @@ class Stack:
 
     def _new_nudge(self):
         relay_port = self.relay.port
-        n = len(self.old_nudges) + (1 if self.nudge else 0)
-        return Nudge(self.tmp / f"nudge{n}.log",
+        self.nudges_made += 1
+        return Nudge(self.tmp / f"nudge{self.nudges_made}.log",
                      ["--public-url", f"http://127.0.0.1:{relay_port}", *self.nudge_args])
 
     def start_client(self):
@@ -103,31 +104,35 @@ class Stack:
         wait_until(got, timeout, what=f"{self.client_kind} to receive {len(want)} events")
 
     # -- nudge restarts -----------------------------------------------------------
-    def restart_nudge(self, downtime=True):
+    def restart_nudge(self, downtime=True, downtime_seconds=3.0, during=None):
         """Replace the nudge node by a new one on the same public address.
 
         With downtime the relay stops listening first, so that while the old
-        node drains and exits and the new one starts, connections are refused
-        as by a node that is down; then the new node takes its place. The new
-        node knows no channel."""
-        if downtime:
-            self.relay.pause()
+        node drains and exits, and for downtime_seconds more, connections are
+        refused as by a node that is down; during() runs then. Then a new node
+        takes the address. Without downtime the new node starts first and the
+        old one drains behind it (as behind a load balancer). Either way the
+        new node knows no channel. Returns the old node's exit code."""
         old = self.nudge
         new = self._new_nudge()
         if downtime:
+            self.relay.pause()
             code = old.stop()
+            self.nudge = None
+            if during:
+                during()
+            time.sleep(downtime_seconds)  # the outage itself, not a wait for a condition
             new.start()
         else:
             new.start()
-            self.relay.set_target("127.0.0.1", new.public_port)
-            self.api.point_at(new.internal)
-            code = old.stop()  # its open connections drain on the old node
-        self.old_nudges.append((old, code))
-        self.nudge = new
         self.relay.set_target("127.0.0.1", new.public_port)
         self.api.point_at(new.internal)
         if downtime:
             self.relay.resume()
+        else:
+            code = old.stop()  # its open connections drain on the old node
+        self.old_nudges.append((old, code))
+        self.nudge = new
         self.restarts += 1
         return code
 

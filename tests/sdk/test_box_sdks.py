@@ -24,11 +24,13 @@ from harness import CLIENTS, TOKEN, http_json, wait_until
 ALL = list(CLIENTS)
 SUBJECT = "user:42"
 
-# Scenario 5: "never a hot loop". Over any 2 s, a client makes at most this many
-# requests to nudge and, separately, to the main API; and on average at most
-# AVG_LIMIT per second over the whole test. A hot loop does hundreds a second.
+# Scenario 5: "never a hot loop". Within any WINDOW seconds a client makes at
+# most WINDOW_LIMIT requests to nudge and, separately, to the main API; and on
+# average at most AVG_LIMIT per second over the whole test. The bursts these
+# allow come from the tests' own publishes (fetch, re-register, poll); the hot
+# loops seen while writing these tests did 35 to 450 requests a second.
 WINDOW = 1.0
-WINDOW_LIMIT = 10
+WINDOW_LIMIT = 15
 AVG_LIMIT = 4.0
 
 
@@ -208,7 +210,15 @@ def _restart(s, downtime):
     wait_until(lambda: any(p["t_answer"] is None for p in s.polls()), 15, what="a parked poll")
     options_before = s.options_count()
     t_restart = time.time()
-    code = s.restart_nudge(downtime=downtime)
+
+    def publish_while_down():
+        # The main API's publish fails while nudge is down; it retries it until
+        # the new node takes it (see examples/box_main_api.py).
+        body = s.api.publish(1)
+        assert "publish_error" in body, body
+        published.extend(body["event_ids"])
+
+    code = s.restart_nudge(downtime=downtime, during=publish_while_down if downtime else None)
     assert code == 0, "nudge should drain and exit 0 on SIGTERM"
     s.notes["restart took"] = round(time.time() - t_restart, 2)
     ids = s.api.publish(1)["event_ids"]
@@ -241,8 +251,9 @@ STOPS_ON_REFUSED = {"boxsdk-3.9.2"}
 
 @pytest.mark.parametrize("client", ALL)
 def test_restart_with_downtime(make_stack, client):
-    """nudge is stopped (SIGTERM: it drains, then exits) and started again; in
-    between, connections to its address are refused."""
+    """nudge is stopped (SIGTERM: it drains, then exits) and started again 3 s
+    later; in between, connections to its address are refused, and a change
+    is published (the main API retries that publish until the new node is up)."""
     s = make_stack(client)
     published, options_before, t_restart = _restart(s, downtime=True)
 
