@@ -10,6 +10,11 @@ step() { printf '\n== %s\n' "$*"; }
 step "cargo test (unit and integration tests, real sockets)"
 cargo test --locked --all-targets
 
+if [ -f tests/sdk/run.sh ]; then
+    step "Box SDK compatibility: the shipped Box SDKs, unchanged, against nudge (tests/sdk)"
+    bash tests/sdk/run.sh
+fi
+
 if [ -f deploy/check.sh ]; then
     step "deploy/ checks"
     bash deploy/check.sh
