@@ -153,6 +153,12 @@ def test_small_max_retries(make_stack, client):
         ids = s.api.publish(1 + round_)["event_ids"]
         published += ids
         s.wait_received(ids, timeout=25)
+    # Then changes at a pace that does not line up with the park time, so that
+    # some land while the client is between two channels.
+    for _ in range(6):
+        published += s.api.publish(1)["event_ids"]
+        time.sleep(1.3)  # the publisher's pace, not a wait for the client
+    s.wait_received(published, timeout=25)
     assert_exactly_once(s, published)
 
     # nudge kept every channel within its budget: 1 + max_retries reconnects.
