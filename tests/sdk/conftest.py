@@ -61,6 +61,7 @@ class Stack:
                      ["--public-url", f"http://127.0.0.1:{relay_port}", *self.nudge_args])
 
     def start_client(self):
+        self.t_client = time.time()
         self.client = Client(self.client_kind, self.api.url, self.tmp / "client.log").start()
         return self.client
 
@@ -75,6 +76,11 @@ class Stack:
     def options_count(self):
         return sum(1 for r in self.api_requests() if r["method"] == "OPTIONS")
 
+    def has_parked_poll(self):
+        """The client's latest poll is parked (not yet answered)."""
+        polls = self.polls()
+        return bool(polls) and polls[-1]["t_answer"] is None
+
     def messages(self):
         return [p["message"] for p in self.polls() if p["message"] is not None]
 
@@ -82,7 +88,9 @@ class Stack:
         """The client has registered a channel and has a poll parked on it."""
         def ready():
             self.check_client_alive()
-            return self.options_count() >= 1 and any(p["t_answer"] is None for p in self.polls())
+            since = self.t_client  # a client started again must not count its predecessor's polls
+            return (any(r["method"] == "OPTIONS" and r["t"] >= since for r in self.api_requests())
+                    and any(p["t_answer"] is None and p["t"] >= since for p in self.polls()))
         wait_until(ready, timeout, what=f"{self.client_kind} to park its first poll")
 
     def check_client_alive(self):

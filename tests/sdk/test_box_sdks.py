@@ -183,7 +183,7 @@ def test_revoked(make_stack, client):
     s.wait_ready()
     published = s.api.publish(1)["event_ids"]
     s.wait_received(published, timeout=20)
-    wait_until(lambda: any(p["t_answer"] is None for p in s.polls()), 15, what="a parked poll")
+    wait_until(s.has_parked_poll, 15, what="a parked poll")
 
     options_before = s.options_count()
     t_revoke = time.time()
@@ -213,7 +213,7 @@ def _restart(s, downtime):
     s.wait_ready()
     published = s.api.publish(1)["event_ids"]
     s.wait_received(published, timeout=20)
-    wait_until(lambda: any(p["t_answer"] is None for p in s.polls()), 15, what="a parked poll")
+    wait_until(s.has_parked_poll, 15, what="a parked poll")
     options_before = s.options_count()
     t_restart = time.time()
 
@@ -395,7 +395,7 @@ def test_drain_no_hot_loop(make_stack, client):
     s.wait_ready()
     published = s.api.publish(1)["event_ids"]
     s.wait_received(published, timeout=20)
-    wait_until(lambda: any(p["t_answer"] is None for p in s.polls()), 15, what="a parked poll")
+    wait_until(s.has_parked_poll, 15, what="a parked poll")
     _park_bystanders(s, 40)
     t0 = time.time()
     code = s.restart_nudge(downtime=False)
