@@ -141,6 +141,20 @@ class Nudge:
     def get(self, path):
         return http_json("GET", self.internal + path)
 
+    def metrics(self):
+        """nudge's /metrics as {"name{labels}": value}."""
+        with urllib.request.urlopen(self.internal + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        out = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                try:
+                    out[key] = float(value)
+                except ValueError:
+                    pass
+        return out
+
 
 class MainApi:
     """examples/box_main_api.py in its own process."""

@@ -69,6 +69,17 @@ def assert_exactly_once(stack, published):
         f"unexpected {sorted(set(got) - set(published))}")
 
 
+def assert_fast_path(stack, expect="fast"):
+    """Every poll the SDK made went through nudge's buffer-less fast path (the
+    one that parks a poll in about 1-2 KiB), not the hyper fallback; or, with
+    expect="hyper" (--fast-path false), all through hyper."""
+    m = stack.nudge.metrics()
+    counts = {p: m.get(f'nudge_public_requests_total{{path="{p}"}}', 0) for p in ("fast", "hyper")}
+    stack.notes["requests by nudge path"] = counts
+    other = "hyper" if expect == "fast" else "fast"
+    assert counts[other] == 0 and counts[expect] >= 1, f"{stack.client_kind}: {counts}"
+
+
 def count_messages(stack, message):
     return sum(1 for m in stack.messages() if m == message)
 
@@ -94,12 +105,15 @@ def assert_all_answers_ok(stack):
 
 
 # --------------------------------------------------------------------------- 1
+@pytest.mark.parametrize("path", ["fast", "hyper"])
 @pytest.mark.parametrize("client", ALL)
-def test_steady_changes(make_stack, client):
+def test_steady_changes(make_stack, client, path):
     # Pages of at most 5 events: a burst of 12 takes several GET /events, and the
     # SDKs that fetch one page per new_change rely on nudge's stream_position
-    # check to come back for the rest at once.
-    s = make_stack(client, api_args=["--max-page", "5"])
+    # check to come back for the rest at once. Run on both ways nudge serves a
+    # poll: the fast path, and hyper (--fast-path false; also TLS connections).
+    s = make_stack(client, api_args=["--max-page", "5"],
+                   nudge_args=["--fast-path", "false"] if path == "hyper" else [])
     s.wait_ready()
     published = []
     for _ in range(8):
@@ -114,6 +128,7 @@ def test_steady_changes(make_stack, client):
     assert_exactly_once(s, published)
     assert_sdk_sent_authorization(s)
     assert_all_answers_ok(s)
+    assert_fast_path(s, expect=path)
     assert_no_hot_loop(s)
 
 
@@ -134,6 +149,7 @@ def test_quiet_periods(make_stack, client):
     s.notes["reconnects"] = count_messages(s, "reconnect")
     s.notes["OPTIONS"] = s.options_count()
     assert_all_answers_ok(s)
+    assert_fast_path(s)
     assert_no_hot_loop(s)
 
 
@@ -206,6 +222,7 @@ def test_revoked(make_stack, client):
     s.wait_received(ids, timeout=20)
     assert_exactly_once(s, published)
     assert_all_answers_ok(s)
+    assert_fast_path(s)
     assert_no_hot_loop(s)
 
 
@@ -377,21 +394,31 @@ def http_json_text(url):
 
 
 DRAIN_KEEPALIVE_LOOP = pytest.mark.xfail(
-    reason="nudge change needed: while draining, nudge answers a poll that arrives on an open "
-           "keep-alive connection with reconnect at once and keeps the connection open, so SDKs that "
-           "re-poll on reconnect (boxsdk 3.x, boxsdk 10.x) or on max_retries (box-node-sdk 3.x) loop "
-           "hot against the draining node until it closes its connections. Answers given while "
-           "draining should close the connection (Connection: close).",
+    reason="nudge change needed: on the hyper path (--fast-path false, and so TLS connections too) a "
+           "draining node answers a poll that arrives on an open keep-alive connection with reconnect "
+           "at once and keeps the connection open, so SDKs that re-poll on reconnect (boxsdk 3.x, "
+           "boxsdk 10.x) or on max_retries (box-node-sdk 3.x) loop hot against the draining node until "
+           "it closes its connections. Answers given while draining should close the connection "
+           "(Connection: close), as the fast path already does.",
     strict=False)
 
 
-@pytest.mark.parametrize("client", [
-    pytest.param(c, marks=DRAIN_KEEPALIVE_LOOP) if c != "box-node-sdk-10.12.0" else c for c in ALL])
-def test_drain_no_hot_loop(make_stack, client):
+def _drain_params():
+    for path in ("fast", "hyper"):
+        for c in ALL:
+            loops = path == "hyper" and c != "box-node-sdk-10.12.0"
+            yield pytest.param(c, path, marks=DRAIN_KEEPALIVE_LOOP if loops else (), id=f"{c}-{path}")
+
+
+@pytest.mark.parametrize("client,path", _drain_params())
+def test_drain_no_hot_loop(make_stack, client, path):
     """A node drains (SIGTERM) with many polls parked, so the drain lasts its
     whole period, while a new node has taken its address. The client's
-    connection is still to the draining node: its next polls must not loop."""
-    s = make_stack(client, nudge_args=["--retry-timeout", "30s", "--drain-period", "4s"])
+    connection is still to the draining node: its next polls must not loop.
+    Both ways nudge serves a poll: its fast path, and hyper (--fast-path false,
+    which is also how TLS connections are served)."""
+    fast = ["--fast-path", "false"] if path == "hyper" else []
+    s = make_stack(client, nudge_args=["--retry-timeout", "30s", "--drain-period", "4s", *fast])
     s.wait_ready()
     published = s.api.publish(1)["event_ids"]
     s.wait_received(published, timeout=20)
