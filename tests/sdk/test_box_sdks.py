@@ -189,6 +189,7 @@ def test_small_max_retries(make_stack, client):
         # to OPTIONS.
         assert s.notes["max_retries answers"] >= 1
     assert_all_answers_ok(s)
+    assert_fast_path(s)
     assert_no_hot_loop(s)
 
 
