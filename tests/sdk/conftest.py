@@ -9,6 +9,7 @@ never wrote the SDK's bearer token to its log.
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,24 @@ class Stack:
             code = old.stop()  # its open connections drain on the old node
         self.old_nudges.append((old, code))
         self.nudge = new
+        self.restarts += 1
+        return code
+
+    def begin_replacing_nudge(self):
+        """Start a new node on the same public address (as behind a load
+        balancer) and send SIGTERM to the old one, which keeps draining.
+        Returns the old node; end_replacing_nudge(old) waits for its exit."""
+        old = self.nudge
+        new = self._new_nudge().start()
+        self.relay.set_target("127.0.0.1", new.public_port)
+        self.api.point_at(new.internal)
+        self.nudge = new
+        old.proc.send_signal(signal.SIGTERM)
+        return old
+
+    def end_replacing_nudge(self, old):
+        code = old.stop()
+        self.old_nudges.append((old, code))
         self.restarts += 1
         return code
 

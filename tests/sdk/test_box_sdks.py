@@ -28,7 +28,8 @@ import pytest
 from harness import CLIENTS, TOKEN, http_json, wait_until
 
 ALL = list(CLIENTS)
-SUBJECT = "user:42"
+SUBJECT = "user:42"  # the main API's defaults: --subject and --topic
+TOPIC = "user:42"
 
 # Scenario 5: "never a hot loop". Within any WINDOW seconds a client makes at
 # most WINDOW_LIMIT requests to nudge and, separately, to the main API; and on
@@ -433,7 +434,16 @@ def test_drain_no_hot_loop(make_stack, client, path):
     wait_until(s.has_parked_poll, 15, what="a parked poll")
     _park_bystanders(s, 40)
     t0 = time.time()
-    code = s.restart_nudge(downtime=False)
+    old = s.begin_replacing_nudge()
+    wait_until(lambda: http_json("GET", old.internal + "/readyz")[0] == 503, 5, what="the old node to drain")
+    # A change reaches the draining node while the client's poll is still
+    # parked there (the drain answers 41 polls over 4 s): its poll is answered
+    # at once, early in the drain, and its next one goes on its open connection.
+    body = s.api.publish(1)
+    published += body["event_ids"]
+    status, _ = http_json("POST", old.internal + "/v1/publish", {"topic": TOPIC, "position": body["position"]})
+    assert status == 200
+    code = s.end_replacing_nudge(old)
     assert code == 0
     t1 = time.time()
     during = [p for p in s.polls() if t0 <= p["t"] <= t1]
