@@ -357,3 +357,77 @@ async fn the_drain_answers_every_parked_poll_reconnect() {
     }
     assert_eq!(hub.counts().parked, 0);
 }
+
+/// During a drain every answer closes its connection, so a client that re-polls at once
+/// (as Box's Python SDKs do on `reconnect`) reaches another node instead of looping here.
+#[tokio::test]
+async fn the_drain_closes_kept_alive_connections_after_their_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for fast_path in [true, false] {
+        let s = TestServer::with(|c| {
+            c.fast_path = fast_path;
+            c.drain_period = secs(3.0);
+        })
+        .await;
+        let ch = s.register_topic("t").await;
+        let path = format!("/subscribe?channel={}", ch.id);
+        // One connection that already had an answer and sits idle, one with a poll parked.
+        let mut idle = tokio::net::TcpStream::connect(s.public).await.unwrap();
+        idle.write_all(
+            format!("GET {path}&dont_block=true HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut parked = tokio::net::TcpStream::connect(s.public).await.unwrap();
+        parked
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        s.wait_parked(1).await;
+        // Ten more, so that the drain really takes most of its 3 s.
+        let mut others = Vec::new();
+        for i in 0..10 {
+            let other = s.register_topic(&format!("o{i}")).await;
+            others.push(s.spawn_poll(&other.url));
+        }
+        s.wait_parked(11).await;
+        let mut first = [0u8; 1024];
+        let n = idle.read(&mut first).await.unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).ends_with(r#"{"message":"no_change"}"#));
+
+        let started = Instant::now();
+        let stopping = tokio::spawn(s.stop());
+        let read_all = |mut conn: tokio::net::TcpStream| async move {
+            let mut all = Vec::new();
+            tokio::time::timeout(secs(5.0), conn.read_to_end(&mut all))
+                .await
+                .expect("closed")
+                .unwrap();
+            String::from_utf8(all).unwrap()
+        };
+        assert_eq!(
+            read_all(idle).await,
+            "",
+            "fast_path={fast_path}: the idle connection is closed"
+        );
+        // Closed at the start of the 3 s drain, not at its end.
+        assert!(
+            started.elapsed() < secs(1.5),
+            "fast_path={fast_path}: the idle connection closed after {:?}",
+            started.elapsed()
+        );
+        let answer = read_all(parked).await;
+        assert!(
+            answer.contains("connection: close\r\n"),
+            "fast_path={fast_path}: {answer}"
+        );
+        assert!(
+            answer.ends_with(r#"{"message":"reconnect"}"#),
+            "fast_path={fast_path}: {answer}"
+        );
+        stopping.await.unwrap();
+        for other in others {
+            assert_eq!(other.await.unwrap(), "reconnect");
+        }
+    }
+}
