@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import CLIENTS, TOKEN, Client, MainApi, Nudge, wait_until  # noqa: E402
+from harness import TOKEN, Client, MainApi, Nudge, wait_until  # noqa: E402
 from relay import Relay  # noqa: E402
 
 # Short durations keep the suite within a few minutes: a 3 s retry_timeout
@@ -201,7 +201,7 @@ def make_stack(tmp_path, request):
         logs = stack.nudge_logs()
         assert not errors, errors
         # SPEC §2: the Authorization header the SDKs send to the realtime URL is
-        # ignored and never logged (nudge ran with RUST_LOG=debug).
+        # ignored and never logged (nudge ran with RUST_LOG=debug,nudge=trace).
         assert TOKEN not in logs, "nudge logged the client's Authorization token"
 
 
@@ -234,7 +234,7 @@ def record_results(nodeid, stack):
 
 def pytest_collection_modifyitems(config, items):
     # Long scenarios first, so that parallel workers finish together.
-    order = {"default_park": 0, "restart": 1, "revoked": 2, "max_retries": 3, "quiet": 4}
+    order = {"default_park": 0, "restart": 1, "revoked": 2, "max_retries": 3, "drain": 4, "quiet": 5}
     def key(item):
         for k, v in order.items():
             if k in item.name:
@@ -242,5 +242,3 @@ def pytest_collection_modifyitems(config, items):
         return 9
     items.sort(key=key)
 
-
-__all__ = ["CLIENTS", "TOKEN"]
