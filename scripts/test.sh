@@ -49,6 +49,11 @@ export NUDGE_REQUIRE_TOOLS=1
 step "cargo test (unit and integration tests, real sockets, the real binary)"
 cargo test --locked --all-targets
 
+if [ -f tests/sdk/run.sh ]; then
+    step "Box SDK compatibility: the shipped Box SDKs, unchanged, against nudge (tests/sdk)"
+    bash tests/sdk/run.sh
+fi
+
 if [ -f deploy/check.sh ]; then
     step "deploy/ checks"
     bash deploy/check.sh
