@@ -298,9 +298,7 @@ async fn run(settings: &mut Settings) -> i32 {
     println!();
     println!("{}", results.table());
     println!();
-    println!("Ratios are nudge / that column: below 1 is nudge smaller or faster for B, ms, s and %;");
-    println!("above 1 is nudge faster for /s. Memory is PSS summed over the server's processes,");
-    println!("above that process's own baseline after a warm-up; kernel rows count both ends.");
+    println!("{}", report::NOTES);
     println!();
     println!("targets (against {}):", names.iter().find(|s| s.starts_with("nchan")).map_or("Nchan", |s| s));
     for (text, ok) in &targets {

@@ -73,8 +73,19 @@ impl Results<'_> {
         Line::Row(Row { label, unit, values: self.servers.iter().map(|s| value(s)).collect() })
     }
 
-    /// The table's lines.
+    /// The table's lines, less rows with no value at all (a measure only one server has, when
+    /// that server is not in the run).
     pub fn lines(&self) -> Vec<Line> {
+        self.all_lines()
+            .into_iter()
+            .filter(|line| match line {
+                Line::Section(_) => true,
+                Line::Row(row) => row.values.iter().any(Option::is_some),
+            })
+            .collect()
+    }
+
+    fn all_lines(&self) -> Vec<Line> {
         let mut lines = Vec::new();
         let (Some(&n_min), Some(&n_max)) = (self.ns.first(), self.ns.last()) else {
             return lines;
@@ -127,6 +138,15 @@ impl Results<'_> {
             }));
             lines.push(self.row(format!("publish answered, N={n_max}"), "ms", |s| {
                 self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.publish_answered_ms))
+            }));
+            lines.push(self.row(format!("server's own fan-out (nudge_fanout_seconds), N={n_max}"), "ms", |s| {
+                self.park_median(s, scenario, n_max, |r| r.wake.as_ref()?.server_fanout_ms)
+            }));
+            lines.push(self.row(format!("server CPU during the wake, N={n_max}"), "ms", |s| {
+                self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.server_cpu_ms))
+            }));
+            lines.push(self.row(format!("client (bench) CPU during the wake, N={n_max}"), "ms", |s| {
+                self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.client_cpu_ms))
             }));
             lines.push(self.row(format!("polls not woken with new_change, N={n_max}"), "", |s| {
                 self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.wrong as f64))
@@ -300,13 +320,25 @@ impl Results<'_> {
 
 fn scenario_title(scenario: Scenario) -> &'static str {
     match scenario {
-        Scenario::OneTopic => "one topic, one channel: N polls woken by one publish",
-        Scenario::OneTopicChannelEach => {
-            "one topic, one channel each: N polls woken by one publish (Nchan: own channel multiplexed with the shared one)"
-        }
-        Scenario::NTopics => "N topics, one poll each: woken by N publishes (nudge: one NDJSON batch; Nchan: N requests)",
+        Scenario::OneTopic => "one topic, one channel: one publish wakes N",
+        Scenario::OneTopicChannelEach => "one topic, one channel each: one publish wakes N ¹",
+        Scenario::NTopics => "N topics, one poll each: N publishes wake N ²",
     }
 }
+
+/// What the table's marks and words mean.
+pub const NOTES: &str = "\
+Ratios are nudge / that column: below 1 is nudge smaller or faster for B, ms, s and %; above 1
+is nudge faster for /s. Userspace memory is PSS summed over the server's processes (nginx:
+master and workers), above that process's own baseline after a warm-up; the slope between the
+smallest and largest N is the per-poll cost with fixed costs cancelled. Kernel rows are
+system-wide and count both ends of each loopback connection. Wake times run from the first byte
+of the publish request to each poll's complete answer, as the client sees it; the client shares
+the machine's cores, and its CPU row says how much of them it took.
+¹ nudge: N channels bound to the topic; Nchan: each subscriber multiplexes a channel of its own
+  with the shared one (`nchan_channel_id $arg_channel $arg_own`).
+² nudge: one NDJSON request of N publishes; Nchan: N publish requests (it takes one message per
+  request) over 8 keep-alive connections.";
 
 /// Three significant digits or so, never scientific notation.
 pub fn number(value: Option<f64>) -> String {

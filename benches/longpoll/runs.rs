@@ -72,6 +72,13 @@ pub struct Wake {
     pub max_ms: f64,
     /// When the publisher had its answer (for Nchan's N publishes: the last of them).
     pub publish_answered_ms: f64,
+    /// CPU the server used from the publish until the last answer arrived.
+    pub server_cpu_ms: f64,
+    /// CPU the bench itself (the client side) used meanwhile.
+    pub client_cpu_ms: f64,
+    /// nudge's own `nudge_fanout_seconds` for this wake-up (mean over its publishes: one
+    /// publish in the one-topic scenarios), from a publish's arrival to its last answered poll.
+    pub server_fanout_ms: Option<f64>,
 }
 
 impl ParkRun {
@@ -200,18 +207,23 @@ async fn park_run_on(
     let memory: Memory = procfs::memory_of(&pids).map_err(|e| e.to_string())?;
     let kernel = procfs::kernel_memory().map_err(|e| e.to_string())?;
     let (cpu_parked_percent, cpu_window_seconds) = if measure_cpu {
-        let before = procfs::cpu_ticks_of(&pids).map_err(|e| e.to_string())?;
+        let before = procfs::cpu_ns_of(&pids).map_err(|e| e.to_string())?;
         let window_start = Instant::now();
         tokio::time::sleep(settings.cpu_window).await;
-        let after = procfs::cpu_ticks_of(&pids).map_err(|e| e.to_string())?;
+        let after = procfs::cpu_ns_of(&pids).map_err(|e| e.to_string())?;
         let seconds = window_start.elapsed().as_secs_f64();
-        let busy = (after - before) as f64 / procfs::TICKS_PER_SECOND;
+        let busy = after.saturating_sub(before) as f64 / 1e9;
         (Some(100.0 * busy / seconds), Some(seconds))
     } else {
         (None, None)
     };
 
-    // The wake-up: the clock starts just before the publish request is written.
+    // The wake-up: the clock starts just before the publish request is written. The CPU both
+    // sides use meanwhile says where the time went (on two cores the client's share is real).
+    let fanout_before = server.fanout_histogram().await;
+    let me = [std::process::id()];
+    let server_cpu_before = procfs::cpu_ns_of(&pids).map_err(|e| e.to_string())?;
+    let client_cpu_before = procfs::cpu_ns_of(&me).map_err(|e| e.to_string())?;
     let wake_deadline = Instant::now() + Duration::from_secs_f64(30.0 + n as f64 / 1000.0);
     let published_at = Instant::now();
     match scenario {
@@ -223,6 +235,14 @@ async fn park_run_on(
     }
     let publish_answered = published_at.elapsed();
     parked.collect(wake_deadline).await;
+    let server_cpu_ms = procfs::cpu_ns_of(&pids).map_err(|e| e.to_string())?.saturating_sub(server_cpu_before) as f64 / 1e6;
+    let client_cpu_ms = procfs::cpu_ns_of(&me).map_err(|e| e.to_string())?.saturating_sub(client_cpu_before) as f64 / 1e6;
+    let server_fanout_ms = match (fanout_before, server.fanout_histogram().await) {
+        (Some((sum0, count0)), Some((sum1, count1))) if count1 > count0 => {
+            Some(1000.0 * (sum1 - sum0) / (count1 - count0))
+        }
+        _ => None,
+    };
     let mut times = Vec::with_capacity(n);
     let mut wrong = n.saturating_sub(parked.received.len());
     let mut first_wrong = None;
@@ -249,6 +269,9 @@ async fn park_run_on(
         p99_ms: ms(stats::quantile(&times, 0.99)),
         max_ms: ms(times.last().copied().unwrap_or_default()),
         publish_answered_ms: ms(publish_answered),
+        server_cpu_ms,
+        client_cpu_ms,
+        server_fanout_ms,
     };
     Ok(ParkRun {
         server: server.kind.name(),

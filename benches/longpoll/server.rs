@@ -248,10 +248,27 @@ impl Server {
 
     /// Polls parked right now, as the server itself counts them.
     pub async fn parked(&mut self) -> Result<usize, String> {
-        let (path, prefix) = match self.kind {
+        let (path, name) = match self.kind {
             Kind::Nudge => ("/metrics", "nudge_parked_polls"),
             Kind::Nchan { .. } => ("/status", "subscribers:"),
         };
+        let text = self.get_text(path).await?;
+        metric(&text, name)
+            .map(|value| value as usize)
+            .ok_or_else(|| format!("GET {path}: no `{name}` line"))
+    }
+
+    /// nudge's `nudge_fanout_seconds` histogram, as (sum, count); `None` for Nchan, which has no
+    /// such measure, or when nudge does not export it.
+    pub async fn fanout_histogram(&mut self) -> Option<(f64, f64)> {
+        if !self.kind.is_nudge() {
+            return None;
+        }
+        let text = self.get_text("/metrics").await.ok()?;
+        Some((metric(&text, "nudge_fanout_seconds_sum")?, metric(&text, "nudge_fanout_seconds_count")?))
+    }
+
+    async fn get_text(&mut self, path: &str) -> Result<String, String> {
         let response = self
             .control
             .request("GET", path, None, b"")
@@ -260,17 +277,7 @@ impl Server {
         if response.status != 200 {
             return Err(format!("GET {path}: status {}", response.status));
         }
-        let text = response.body_text();
-        text.lines()
-            .filter(|line| !line.starts_with('#'))
-            .find_map(|line| {
-                let rest = line.strip_prefix(prefix)?;
-                // `nudge_parked_polls 12` or `nudge_parked_polls{} 12`; a float for Prometheus.
-                let value = rest.trim_start_matches("{}").trim();
-                value.parse::<f64>().ok()
-            })
-            .map(|value| value as usize)
-            .ok_or_else(|| format!("GET {path}: no `{prefix}` line"))
+        Ok(response.body_text())
     }
 
     /// Waits until the server counts `n` parked polls, checking every 10 ms until `deadline`.
@@ -526,6 +533,28 @@ fn signal(pids: &[u32], name: &str) {
         .args(pids.iter().map(u32::to_string))
         .stderr(Stdio::null())
         .status();
+}
+
+/// The value of `name` in Prometheus text (`name 12`, `name{a="b"} 12`: summed over label sets)
+/// or in Nchan's status text (`subscribers: 12`).
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = text
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labelled) => &labelled[labelled.find('}')? + 1..],
+                None => rest,
+            };
+            // The name must end here: `nudge_parked_polls_x` is another metric.
+            if !rest.starts_with(' ') && !name.ends_with(':') {
+                return None;
+            }
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
 }
 
 /// Finds `role=ADDR` in a `listening` log line.
