@@ -81,30 +81,45 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 impl Settings {
     fn from_env() -> Settings {
         let quick = env("NUDGE_BENCH_QUICK").is_some_and(|v| v != "0");
-        let mut ns: Vec<usize> = env_list("NUDGE_BENCH_N", if quick { "200,1000" } else { "1000,5000,18000" })
-            .iter()
-            .map(|n| {
-                n.parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
-                    eprintln!("bench: NUDGE_BENCH_N holds {n}, not a positive number");
-                    std::process::exit(64)
-                })
+        let mut ns: Vec<usize> = env_list(
+            "NUDGE_BENCH_N",
+            if quick { "200,1000" } else { "1000,5000,18000" },
+        )
+        .iter()
+        .map(|n| {
+            n.parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
+                eprintln!("bench: NUDGE_BENCH_N holds {n}, not a positive number");
+                std::process::exit(64)
             })
-            .collect();
+        })
+        .collect();
         ns.sort_unstable();
         ns.dedup();
-        let servers = env_list("NUDGE_BENCH_SERVERS", if quick { "nudge,nchan1" } else { "nudge,nchan1,nchan2" })
-            .iter()
-            .map(|s| match s.as_str() {
-                "nudge" => Kind::Nudge,
-                other => match other.strip_prefix("nchan").map(|w| w.trim_end_matches('w').parse::<u32>()) {
-                    Some(Ok(workers)) if workers >= 1 => Kind::Nchan { workers },
-                    _ => {
-                        eprintln!("bench: NUDGE_BENCH_SERVERS: {other} is none of nudge, nchan1, nchan2, …");
-                        std::process::exit(64)
-                    }
-                },
-            })
-            .collect();
+        let servers = env_list(
+            "NUDGE_BENCH_SERVERS",
+            if quick {
+                "nudge,nchan1"
+            } else {
+                "nudge,nchan1,nchan2"
+            },
+        )
+        .iter()
+        .map(|s| match s.as_str() {
+            "nudge" => Kind::Nudge,
+            other => match other
+                .strip_prefix("nchan")
+                .map(|w| w.trim_end_matches('w').parse::<u32>())
+            {
+                Some(Ok(workers)) if workers >= 1 => Kind::Nchan { workers },
+                _ => {
+                    eprintln!(
+                        "bench: NUDGE_BENCH_SERVERS: {other} is none of nudge, nchan1, nchan2, …"
+                    );
+                    std::process::exit(64)
+                }
+            },
+        })
+        .collect();
         let scenarios = env_list("NUDGE_BENCH_SCENARIOS", "one_topic,one_topic_channel_each,n_topics")
             .iter()
             .map(|s| {
@@ -126,7 +141,9 @@ impl Settings {
             rates: env_number("NUDGE_BENCH_RATES", 1u8) != 0,
             client_threads: env_number("NUDGE_BENCH_CLIENT_THREADS", 1usize).max(1),
             nchan_install: env_number("NUDGE_BENCH_NCHAN_INSTALL", 1u8) != 0,
-            json_path: env("NUDGE_BENCH_JSON").map(PathBuf::from).unwrap_or_else(default_json_path),
+            json_path: env("NUDGE_BENCH_JSON")
+                .map(PathBuf::from)
+                .unwrap_or_else(default_json_path),
             run: RunSettings {
                 binaries: Binaries { nudge, nchan: None },
                 pace: Pace {
@@ -137,9 +154,17 @@ impl Settings {
                 cpu_window: Duration::from_secs_f64(
                     env_number("NUDGE_BENCH_CPU_WINDOW", if quick { 1.0f64 } else { 3.0 }).max(0.1),
                 ),
-                throughput_count: env_number("NUDGE_BENCH_PUBLISHES", if quick { 2000usize } else { 20000 }).max(1),
+                throughput_count: env_number(
+                    "NUDGE_BENCH_PUBLISHES",
+                    if quick { 2000usize } else { 20000 },
+                )
+                .max(1),
                 batch_size: env_number("NUDGE_BENCH_BATCH", 100usize).max(1),
-                accept_count: env_number("NUDGE_BENCH_CONNECTIONS", if quick { 1000usize } else { 10000 }).max(1),
+                accept_count: env_number(
+                    "NUDGE_BENCH_CONNECTIONS",
+                    if quick { 1000usize } else { 10000 },
+                )
+                .max(1),
             },
         }
     }
@@ -172,7 +197,9 @@ fn main() {
     // limit (20,000 here) is enough, since the server under test is another process.
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if (limit as usize) < settings.ns.last().copied().unwrap_or(0) + 100 => {
-            eprintln!("bench: warning: open-file limit {limit} is below the largest N plus a margin");
+            eprintln!(
+                "bench: warning: open-file limit {limit} is below the largest N plus a margin"
+            );
         }
         Ok(_) => {}
         Err(error) => eprintln!("bench: warning: cannot raise the open-file limit: {error}"),
@@ -209,7 +236,12 @@ async fn run(settings: &mut Settings) -> i32 {
         names.join(", "),
         settings.ns,
         settings.repeat,
-        settings.scenarios.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
+        settings
+            .scenarios
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 
     // A server that fails to start is left out of the runs that follow, so that a missing
@@ -224,9 +256,11 @@ async fn run(settings: &mut Settings) -> i32 {
                     if broken.contains(&kind) {
                         continue;
                     }
-                    let label = format!("{} {} N={n} #{}", kind.name(), scenario.name(), repeat + 1);
+                    let label =
+                        format!("{} {} N={n} #{}", kind.name(), scenario.name(), repeat + 1);
                     let clock = Instant::now();
-                    match runs::park_run(kind, scenario, n, repeat, n == n_max, &settings.run).await {
+                    match runs::park_run(kind, scenario, n, repeat, n == n_max, &settings.run).await
+                    {
                         Ok(result) => {
                             let wake = result.wake.as_ref();
                             eprintln!(
@@ -241,7 +275,10 @@ async fn run(settings: &mut Settings) -> i32 {
                         Err(error) => {
                             eprintln!("bench: {label}: FAILED: {error}");
                             errors.push(format!("{label}: {error}"));
-                            if error.contains("did not log") || error.contains("did not come up") || error.contains("cannot start") {
+                            if error.contains("did not log")
+                                || error.contains("did not come up")
+                                || error.contains("cannot start")
+                            {
                                 broken.push(kind);
                             }
                         }
@@ -288,7 +325,10 @@ async fn run(settings: &mut Settings) -> i32 {
     let targets = results.targets();
 
     println!();
-    println!("nudge vs Nchan: long-poll benchmark ({})", if settings.quick { "quick" } else { "full" });
+    println!(
+        "nudge vs Nchan: long-poll benchmark ({})",
+        if settings.quick { "quick" } else { "full" }
+    );
     println!("command: {command}");
     println!(
         "machine: {cores} cores, {cpu}, Linux {kernel}; {}; {} repeat(s), medians; {elapsed:.0} s",
@@ -300,7 +340,13 @@ async fn run(settings: &mut Settings) -> i32 {
     println!();
     println!("{}", report::NOTES);
     println!();
-    println!("targets (against {}):", names.iter().find(|s| s.starts_with("nchan")).map_or("Nchan", |s| s));
+    println!(
+        "targets (against {}):",
+        names
+            .iter()
+            .find(|s| s.starts_with("nchan"))
+            .map_or("Nchan", |s| s)
+    );
     for (text, ok) in &targets {
         let mark = match ok {
             Some(true) => "met    ",
@@ -343,10 +389,18 @@ async fn run(settings: &mut Settings) -> i32 {
         .json_path
         .parent()
         .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| std::fs::write(&settings.json_path, serde_json::to_string_pretty(&document).expect("json")));
+        .and_then(|()| {
+            std::fs::write(
+                &settings.json_path,
+                serde_json::to_string_pretty(&document).expect("json"),
+            )
+        });
     match written {
         Ok(()) => println!("\nJSON: {}", settings.json_path.display()),
-        Err(error) => eprintln!("bench: cannot write {}: {error}", settings.json_path.display()),
+        Err(error) => eprintln!(
+            "bench: cannot write {}: {error}",
+            settings.json_path.display()
+        ),
     }
     // A nudge run that failed fails the bench (the CI smoke test relies on it); Nchan's
     // problems are reported but do not.

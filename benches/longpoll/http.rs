@@ -48,7 +48,9 @@ pub fn parse_response(buf: &[u8]) -> io::Result<Option<(Response, usize)>> {
     let mut content_length = None;
     let mut chunked = false;
     for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
         let value = value.trim();
         if name.eq_ignore_ascii_case("content-length") {
             content_length = Some(value.parse::<usize>().map_err(|_| invalid("bad length"))?);
@@ -79,8 +81,8 @@ fn parse_chunked(buf: &[u8]) -> io::Result<Option<(Vec<u8>, usize)>> {
         let Some(line_end) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
             return Ok(None);
         };
-        let size_text = std::str::from_utf8(&buf[at..at + line_end])
-            .map_err(|_| invalid("bad chunk size"))?;
+        let size_text =
+            std::str::from_utf8(&buf[at..at + line_end]).map_err(|_| invalid("bad chunk size"))?;
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
         let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
         at += line_end + 2;
@@ -110,7 +112,10 @@ pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Res
         let mut chunk = [0u8; 4096];
         let read = stream.read(&mut chunk).await?;
         if read == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before an answer"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before an answer",
+            ));
         }
         buf.extend_from_slice(&chunk[..read]);
     }
@@ -161,7 +166,11 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(target: SocketAddr) -> Connection {
-        Connection { target, stream: None, buf: Vec::new() }
+        Connection {
+            target,
+            stream: None,
+            buf: Vec::new(),
+        }
     }
 
     /// Opens the connection now, so that a later request's timing does not include the handshake.
@@ -223,4 +232,3 @@ fn is_stale(error: &io::Error) -> bool {
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
     )
 }
-

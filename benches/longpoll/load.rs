@@ -110,7 +110,10 @@ impl Parked {
                 sent.fetch_add(1, Ordering::Relaxed);
                 let mut buf = Vec::with_capacity(512);
                 let result = http::read_response(&mut stream, &mut buf).await;
-                let _ = tx.send(outcome(result.map_err(|e| format!("read: {e}")), Some(stream)));
+                let _ = tx.send(outcome(
+                    result.map_err(|e| format!("read: {e}")),
+                    Some(stream),
+                ));
             });
         }
         // Every request written (or failed), within the deadline.
@@ -118,7 +121,14 @@ impl Parked {
         while done() < count && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        Parked { tasks, outcomes, sent, failed, count, received: Vec::new() }
+        Parked {
+            tasks,
+            outcomes,
+            sent,
+            failed,
+            count,
+            received: Vec::new(),
+        }
     }
 
     /// Requests written in full so far.
@@ -194,13 +204,22 @@ pub async fn request_loop(
         // Connections are opened before the clock starts.
         match Connection::open(target).await {
             Ok(connection) => connections.push(connection),
-            Err(_) => return LoopResult { errors: total, ..LoopResult::default() },
+            Err(_) => {
+                return LoopResult {
+                    errors: total,
+                    ..LoopResult::default()
+                };
+            }
         }
     }
     let start = Instant::now();
     for mut connection in connections {
-        let (make, next, errors, completed) =
-            (make.clone(), next.clone(), errors.clone(), completed.clone());
+        let (make, next, errors, completed) = (
+            make.clone(),
+            next.clone(),
+            errors.clone(),
+            completed.clone(),
+        );
         workers.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -250,8 +269,12 @@ pub async fn connection_loop(
     let start = Instant::now();
     let mut workers = JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (next, errors, completed, request) =
-            (next.clone(), errors.clone(), completed.clone(), request.clone());
+        let (next, errors, completed, request) = (
+            next.clone(),
+            errors.clone(),
+            completed.clone(),
+            request.clone(),
+        );
         workers.spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -259,8 +282,8 @@ pub async fn connection_loop(
                     break;
                 }
                 let once = async {
-                    let mut stream = http::connect_from(http::source_address(i, sources), target)
-                        .await?;
+                    let mut stream =
+                        http::connect_from(http::source_address(i, sources), target).await?;
                     stream.write_all(&request).await?;
                     let mut buf = Vec::with_capacity(512);
                     http::read_response(&mut stream, &mut buf).await

@@ -19,8 +19,10 @@ pub struct NchanInstall {
     pub module: PathBuf,
 }
 
-const MODULE_PATHS: &[&str] =
-    &["/usr/lib/nginx/modules/ngx_nchan_module.so", "/usr/share/nginx/modules/ngx_nchan_module.so"];
+const MODULE_PATHS: &[&str] = &[
+    "/usr/lib/nginx/modules/ngx_nchan_module.so",
+    "/usr/share/nginx/modules/ngx_nchan_module.so",
+];
 const NGINX_PATHS: &[&str] = &["/usr/sbin/nginx", "/usr/bin/nginx", "/usr/local/sbin/nginx"];
 
 fn find() -> Option<NchanInstall> {
@@ -40,7 +42,9 @@ pub fn find_or_install(install: bool) -> Result<NchanInstall, String> {
         return Ok(found);
     }
     if !install {
-        return Err("nginx with libnginx-mod-nchan is not installed (NUDGE_BENCH_NCHAN_INSTALL=0)".into());
+        return Err(
+            "nginx with libnginx-mod-nchan is not installed (NUDGE_BENCH_NCHAN_INSTALL=0)".into(),
+        );
     }
     eprintln!("bench: installing nginx and libnginx-mod-nchan with apt-get");
     let apt = |args: &[&str]| {
@@ -55,10 +59,19 @@ pub fn find_or_install(install: bool) -> Result<NchanInstall, String> {
     };
     // The module depends on the nginx ABI it was built for, so apt picks the matching nginx.
     let installed = apt(&["update", "-qq"])
-        && apt(&["install", "-y", "-qq", "--no-install-recommends", "nginx", "libnginx-mod-nchan"]);
+        && apt(&[
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "nginx",
+            "libnginx-mod-nchan",
+        ]);
     match find() {
         Some(found) if installed => Ok(found),
-        _ => Err("could not install nginx and libnginx-mod-nchan with apt-get (root needed)".into()),
+        _ => {
+            Err("could not install nginx and libnginx-mod-nchan with apt-get (root needed)".into())
+        }
     }
 }
 
@@ -96,16 +109,27 @@ pub fn prepare(install: &NchanInstall, workers: u32) -> Result<Setup, String> {
         SERIAL.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = std::fs::remove_dir_all(&prefix);
-    std::fs::create_dir_all(prefix.join("temp")).map_err(|e| format!("{}: {e}", prefix.display()))?;
+    std::fs::create_dir_all(prefix.join("temp"))
+        .map_err(|e| format!("{}: {e}", prefix.display()))?;
     let public = free_port()?;
     let internal = free_port()?;
     let config = config(&install.module, &prefix, workers, public, internal);
     std::fs::write(prefix.join("nginx.conf"), config).map_err(|e| format!("nginx.conf: {e}"))?;
-    Ok(Setup { prefix, public, internal })
+    Ok(Setup {
+        prefix,
+        public,
+        internal,
+    })
 }
 
 /// The nginx configuration.
-fn config(module: &Path, prefix: &Path, workers: u32, public: SocketAddr, internal: SocketAddr) -> String {
+fn config(
+    module: &Path,
+    prefix: &Path,
+    workers: u32,
+    public: SocketAddr,
+    internal: SocketAddr,
+) -> String {
     let module = module.display();
     let prefix = prefix.display();
     // With more than one worker, `reuseport` gives each worker its own accept queue and lets the

@@ -27,7 +27,10 @@ pub struct Memory {
 impl std::ops::Add for Memory {
     type Output = Memory;
     fn add(self, other: Memory) -> Memory {
-        Memory { rss_kb: self.rss_kb + other.rss_kb, pss_kb: self.pss_kb + other.pss_kb }
+        Memory {
+            rss_kb: self.rss_kb + other.rss_kb,
+            pss_kb: self.pss_kb + other.pss_kb,
+        }
     }
 }
 
@@ -52,7 +55,8 @@ pub fn memory(pid: u32) -> io::Result<Memory> {
 
 /// Sum of the resident memory of several processes.
 pub fn memory_of(pids: &[u32]) -> io::Result<Memory> {
-    pids.iter().try_fold(Memory::default(), |sum, &pid| Ok(sum + memory(pid)?))
+    pids.iter()
+        .try_fold(Memory::default(), |sum, &pid| Ok(sum + memory(pid)?))
 }
 
 /// The fields of `/proc/PID/stat` after the command name (which may hold spaces and parentheses,
@@ -89,8 +93,12 @@ pub fn cpu_ns(pid: u32) -> io::Result<u64> {
         let Ok(text) = fs::read_to_string(&path) else {
             return Ok(cpu_ticks(pid)? * (1e9 / TICKS_PER_SECOND) as u64);
         };
-        let on_cpu = text.split_whitespace().next().and_then(|v| v.parse::<u64>().ok());
-        total += on_cpu.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed schedstat"))?;
+        let on_cpu = text
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok());
+        total += on_cpu
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "malformed schedstat"))?;
     }
     Ok(total)
 }
@@ -102,13 +110,18 @@ pub fn cpu_ns_of(pids: &[u32]) -> io::Result<u64> {
 
 /// The pids whose parent is `parent` (nginx's workers, for its master).
 pub fn children(parent: u32) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     let mut found: Vec<u32> = dir
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| {
             // ppid is field 4 of proc(5), index 1 here. A process that exits between the
             // directory listing and this read is simply not a child any more.
-            stat_fields(pid).ok().and_then(|f| f.get(1)?.parse::<u32>().ok()) == Some(parent)
+            stat_fields(pid)
+                .ok()
+                .and_then(|f| f.get(1)?.parse::<u32>().ok())
+                == Some(parent)
         })
         .collect();
     found.sort_unstable();
@@ -117,7 +130,9 @@ pub fn children(parent: u32) -> Vec<u32> {
 
 /// Whether `pid` is still a live process (a zombie counts as gone).
 pub fn alive(pid: u32) -> bool {
-    stat_fields(pid).map(|f| f.first().map(String::as_str) != Some("Z")).unwrap_or(false)
+    stat_fields(pid)
+        .map(|f| f.first().map(String::as_str) != Some("Z"))
+        .unwrap_or(false)
 }
 
 /// Kernel memory that sockets hold, system-wide.
@@ -159,7 +174,9 @@ pub fn kernel_memory() -> io::Result<KernelMemory> {
 
 /// The machine, for the report: core count, CPU model, kernel release.
 pub fn machine() -> (usize, String, String) {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let model = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|text| {

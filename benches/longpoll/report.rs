@@ -30,20 +30,38 @@ pub struct Results<'a> {
 }
 
 impl Results<'_> {
-    fn runs<'b>(&'b self, server: &'b str, scenario: Scenario, n: usize) -> impl Iterator<Item = &'b ParkRun> {
+    fn runs<'b>(
+        &'b self,
+        server: &'b str,
+        scenario: Scenario,
+        n: usize,
+    ) -> impl Iterator<Item = &'b ParkRun> {
         self.park
             .iter()
             .filter(move |r| r.server == server && r.scenario == scenario.name() && r.n == n)
     }
 
     /// Median over repeats of `f` for one server, scenario and N.
-    fn park_median(&self, server: &str, scenario: Scenario, n: usize, f: impl Fn(&ParkRun) -> Option<f64>) -> Option<f64> {
+    fn park_median(
+        &self,
+        server: &str,
+        scenario: Scenario,
+        n: usize,
+        f: impl Fn(&ParkRun) -> Option<f64>,
+    ) -> Option<f64> {
         median(self.runs(server, scenario, n).filter_map(f))
     }
 
     /// Bytes per parked poll between two N, each measured above its own process's baseline,
     /// paired by repeat; the median of the pairs. Fixed costs cancel out.
-    pub fn slope(&self, server: &str, scenario: Scenario, n1: usize, n2: usize, rss: bool) -> Option<f64> {
+    pub fn slope(
+        &self,
+        server: &str,
+        scenario: Scenario,
+        n1: usize,
+        n2: usize,
+        rss: bool,
+    ) -> Option<f64> {
         let above = |r: &ParkRun| {
             let kb = if rss {
                 r.parked_rss_kb as f64 - r.base_rss_kb as f64
@@ -53,24 +71,41 @@ impl Results<'_> {
             kb * 1024.0
         };
         let pairs = self.runs(server, scenario, n1).filter_map(|a| {
-            let b = self.runs(server, scenario, n2).find(|b| b.repeat == a.repeat)?;
+            let b = self
+                .runs(server, scenario, n2)
+                .find(|b| b.repeat == a.repeat)?;
             Some((above(b) - above(a)) / (n2 as f64 - n1 as f64))
         });
         median(pairs)
     }
 
     /// Fan-out p99 growth between two N, in microseconds per extra poll.
-    pub fn wake_slope(&self, server: &str, scenario: Scenario, n1: usize, n2: usize) -> Option<f64> {
+    pub fn wake_slope(
+        &self,
+        server: &str,
+        scenario: Scenario,
+        n1: usize,
+        n2: usize,
+    ) -> Option<f64> {
         let p99 = |n| self.park_median(server, scenario, n, |r| Some(r.wake.as_ref()?.p99_ms));
         Some((p99(n2)? - p99(n1)?) * 1000.0 / (n2 as f64 - n1 as f64))
     }
 
     fn rate_median(&self, server: &str, f: impl Fn(&RateRun) -> Option<f64>) -> Option<f64> {
-        median(self.rate.iter().filter(|r| r.server == server).filter_map(f))
+        median(
+            self.rate
+                .iter()
+                .filter(|r| r.server == server)
+                .filter_map(f),
+        )
     }
 
     fn row(&self, label: String, unit: &'static str, value: impl Fn(&str) -> Option<f64>) -> Line {
-        Line::Row(Row { label, unit, values: self.servers.iter().map(|s| value(s)).collect() })
+        Line::Row(Row {
+            label,
+            unit,
+            values: self.servers.iter().map(|s| value(s)).collect(),
+        })
     }
 
     /// The table's lines, less rows with no value at all (a measure only one server has, when
@@ -105,9 +140,11 @@ impl Results<'_> {
                 ));
             }
             for &n in self.ns {
-                lines.push(self.row(format!("userspace per parked poll above baseline, N={n}"), "B", |s| {
-                    self.park_median(s, scenario, n, |r| Some(r.pss_bytes_per_poll()))
-                }));
+                lines.push(self.row(
+                    format!("userspace per parked poll above baseline, N={n}"),
+                    "B",
+                    |s| self.park_median(s, scenario, n, |r| Some(r.pss_bytes_per_poll())),
+                ));
             }
             lines.push(self.row(
                 format!("kernel slab per parked poll, both ends, N={n_max}"),
@@ -119,12 +156,16 @@ impl Results<'_> {
                 "B",
                 |s| self.park_median(s, scenario, n_max, |r| Some(r.tcp_mem_bytes_per_poll())),
             ));
-            lines.push(self.row(format!("CPU while {n_max} parked"), "% core", |s| {
-                self.park_median(s, scenario, n_max, |r| r.cpu_parked_percent)
-            }));
-            lines.push(self.row(format!("time to park {n_max} (paced connects)"), "s", |s| {
-                self.park_median(s, scenario, n_max, |r| Some(r.park_seconds))
-            }));
+            lines.push(
+                self.row(format!("CPU while {n_max} parked"), "% core", |s| {
+                    self.park_median(s, scenario, n_max, |r| r.cpu_parked_percent)
+                }),
+            );
+            lines.push(
+                self.row(format!("time to park {n_max} (paced connects)"), "s", |s| {
+                    self.park_median(s, scenario, n_max, |r| Some(r.park_seconds))
+                }),
+            );
             for &n in self.ns {
                 lines.push(self.row(format!("wake p99, N={n}"), "ms", |s| {
                     self.park_median(s, scenario, n, |r| Some(r.wake.as_ref()?.p99_ms))
@@ -137,33 +178,49 @@ impl Results<'_> {
                 self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.max_ms))
             }));
             lines.push(self.row(format!("publish answered, N={n_max}"), "ms", |s| {
-                self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.publish_answered_ms))
+                self.park_median(s, scenario, n_max, |r| {
+                    Some(r.wake.as_ref()?.publish_answered_ms)
+                })
             }));
-            lines.push(self.row(format!("server's own fan-out (nudge_fanout_seconds), N={n_max}"), "ms", |s| {
-                self.park_median(s, scenario, n_max, |r| r.wake.as_ref()?.server_fanout_ms)
-            }));
-            lines.push(self.row(format!("server CPU during the wake, N={n_max}"), "ms", |s| {
-                self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.server_cpu_ms))
-            }));
-            lines.push(self.row(format!("client (bench) CPU during the wake, N={n_max}"), "ms", |s| {
-                self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.client_cpu_ms))
-            }));
-            lines.push(self.row(format!("polls not woken with new_change, N={n_max}"), "", |s| {
-                self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.wrong as f64))
-            }));
+            lines.push(self.row(
+                format!("server's own fan-out (nudge_fanout_seconds), N={n_max}"),
+                "ms",
+                |s| self.park_median(s, scenario, n_max, |r| r.wake.as_ref()?.server_fanout_ms),
+            ));
+            lines.push(self.row(
+                format!("server CPU during the wake, N={n_max}"),
+                "ms",
+                |s| self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.server_cpu_ms)),
+            ));
+            lines.push(self.row(
+                format!("client (bench) CPU during the wake, N={n_max}"),
+                "ms",
+                |s| self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.client_cpu_ms)),
+            ));
+            lines.push(self.row(
+                format!("polls not woken with new_change, N={n_max}"),
+                "",
+                |s| self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.wrong as f64)),
+            ));
         }
         if !self.rate.is_empty() {
             lines.push(Line::Section("no poll parked".to_owned()));
-            lines.push(self.row("publish throughput, one per request".to_owned(), "/s", |s| {
-                self.rate_median(s, |r| Some(r.publishes_per_second))
-            }));
+            lines.push(self.row(
+                "publish throughput, one per request".to_owned(),
+                "/s",
+                |s| self.rate_median(s, |r| Some(r.publishes_per_second)),
+            ));
             let batch = self.rate.iter().find_map(|r| r.batch_size).unwrap_or(0);
-            lines.push(self.row(format!("publish throughput, NDJSON batches of {batch}"), "/s", |s| {
-                self.rate_median(s, |r| r.batched_publishes_per_second)
-            }));
-            lines.push(self.row("connections accepted and answered".to_owned(), "/s", |s| {
-                self.rate_median(s, |r| Some(r.connections_per_second))
-            }));
+            lines.push(self.row(
+                format!("publish throughput, NDJSON batches of {batch}"),
+                "/s",
+                |s| self.rate_median(s, |r| r.batched_publishes_per_second),
+            ));
+            lines.push(
+                self.row("connections accepted and answered".to_owned(), "/s", |s| {
+                    self.rate_median(s, |r| Some(r.connections_per_second))
+                }),
+            );
         }
         lines
     }
@@ -172,9 +229,13 @@ impl Results<'_> {
     /// column (one worker, as in the spec's reference numbers).
     pub fn targets(&self) -> Vec<(String, Option<bool>)> {
         let mut out = Vec::new();
-        let (Some(&n_min), Some(&n_max)) = (self.ns.first(), self.ns.last()) else { return out };
+        let (Some(&n_min), Some(&n_max)) = (self.ns.first(), self.ns.last()) else {
+            return out;
+        };
         let nudge = "nudge";
-        let Some(nchan) = self.servers.iter().find(|s| s.starts_with("nchan")) else { return out };
+        let Some(nchan) = self.servers.iter().find(|s| s.starts_with("nchan")) else {
+            return out;
+        };
         let scenario = Scenario::OneTopic;
         let per_poll = |s: &str| {
             if n_max > n_min {
@@ -190,11 +251,20 @@ impl Results<'_> {
                     "userspace per parked poll ≤ 0.5 × {nchan}: {a:.0} B vs {:.0} B (ratio {:.2})", 0.5 * b, a / b
                 )));
             }
-            _ => out.push(judge(None, format!("userspace per parked poll ≤ 0.5 × {nchan}: not measured"))),
+            _ => out.push(judge(
+                None,
+                format!("userspace per parked poll ≤ 0.5 × {nchan}: not measured"),
+            )),
         }
         match per_poll(nudge) {
-            Some(a) => out.push(judge(Some(a <= 2000.0), format!("userspace per parked poll ≤ 2 KB: {a:.0} B"))),
-            None => out.push(judge(None, "userspace per parked poll ≤ 2 KB: not measured".to_owned())),
+            Some(a) => out.push(judge(
+                Some(a <= 2000.0),
+                format!("userspace per parked poll ≤ 2 KB: {a:.0} B"),
+            )),
+            None => out.push(judge(
+                None,
+                "userspace per parked poll ≤ 2 KB: not measured".to_owned(),
+            )),
         }
         let p99 = |s: &str| self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.p99_ms));
         match (p99(nudge), p99(nchan)) {
@@ -205,16 +275,23 @@ impl Results<'_> {
         }
         let cpu = self.park_median(nudge, scenario, n_max, |r| r.cpu_parked_percent);
         match cpu {
-            Some(c) => out.push(judge(Some(c <= 0.5), format!("~0 CPU while {n_max} parked (≤ 0.5 % of a core): {c:.2} %"))),
+            Some(c) => out.push(judge(
+                Some(c <= 0.5),
+                format!("~0 CPU while {n_max} parked (≤ 0.5 % of a core): {c:.2} %"),
+            )),
             None => out.push(judge(None, "~0 CPU while parked: not measured".to_owned())),
         }
         // Linearity: the slope over each step between successive N agrees with the overall one.
         if self.ns.len() >= 3 {
             let steps: Vec<(usize, usize)> = self.ns.windows(2).map(|w| (w[0], w[1])).collect();
-            let memory: Vec<Option<f64>> =
-                steps.iter().map(|&(a, b)| self.slope(nudge, scenario, a, b, false)).collect();
-            let wake: Vec<Option<f64>> =
-                steps.iter().map(|&(a, b)| self.wake_slope(nudge, scenario, a, b)).collect();
+            let memory: Vec<Option<f64>> = steps
+                .iter()
+                .map(|&(a, b)| self.slope(nudge, scenario, a, b, false))
+                .collect();
+            let wake: Vec<Option<f64>> = steps
+                .iter()
+                .map(|&(a, b)| self.wake_slope(nudge, scenario, a, b))
+                .collect();
             for (what, unit, slopes) in [("memory", "B", memory), ("wake p99", "µs", wake)] {
                 let text: Vec<String> = steps
                     .iter()
@@ -226,11 +303,19 @@ impl Results<'_> {
                     .collect();
                 let values: Vec<f64> = slopes.iter().flatten().copied().collect();
                 let ok = (values.len() == slopes.len() && !values.is_empty()).then(|| {
-                    let (lo, hi) = values.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+                    let (lo, hi) = values
+                        .iter()
+                        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
                     // Within a factor 1.5 of each other (or both tiny: under 64 B or 1 µs a poll).
                     hi <= 1.5 * lo || hi < if unit == "B" { 64.0 } else { 1.0 }
                 });
-                out.push(judge(ok, format!("nudge {what} linear in N (step slopes within 1.5×): {}", text.join(", "))));
+                out.push(judge(
+                    ok,
+                    format!(
+                        "nudge {what} linear in N (step slopes within 1.5×): {}",
+                        text.join(", ")
+                    ),
+                ));
             }
         }
         out
@@ -272,7 +357,13 @@ impl Results<'_> {
             }
         }
         let widths: Vec<usize> = (0..header.len())
-            .map(|c| rows.iter().chain(std::iter::once(&header)).map(|r| r[c].chars().count()).max().unwrap_or(0))
+            .map(|c| {
+                rows.iter()
+                    .chain(std::iter::once(&header))
+                    .map(|r| r[c].chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         let render = |cells: &[String]| {
             let padded: Vec<String> = cells
@@ -280,7 +371,11 @@ impl Results<'_> {
                 .enumerate()
                 .map(|(c, cell)| {
                     let pad = widths[c] - cell.chars().count();
-                    if c < 2 { format!("{cell}{}", " ".repeat(pad)) } else { format!("{}{cell}", " ".repeat(pad)) }
+                    if c < 2 {
+                        format!("{cell}{}", " ".repeat(pad))
+                    } else {
+                        format!("{}{cell}", " ".repeat(pad))
+                    }
                 })
                 .collect();
             format!("| {} |", padded.join(" | "))
@@ -289,9 +384,21 @@ impl Results<'_> {
         let rule: Vec<String> = widths
             .iter()
             .enumerate()
-            .map(|(c, w)| if c < 2 { "-".repeat(*w) } else { format!("{}:", "-".repeat(w - 1)) })
+            .map(|(c, w)| {
+                if c < 2 {
+                    "-".repeat(*w)
+                } else {
+                    format!("{}:", "-".repeat(w - 1))
+                }
+            })
             .collect();
-        out.push(format!("|{}|", rule.iter().map(|r| format!(" {r} ")).collect::<Vec<_>>().join("|")));
+        out.push(format!(
+            "|{}|",
+            rule.iter()
+                .map(|r| format!(" {r} "))
+                .collect::<Vec<_>>()
+                .join("|")
+        ));
         out.extend(rows.iter().map(|r| render(r)));
         out.join("\n")
     }
@@ -301,8 +408,8 @@ impl Results<'_> {
         let rows: Vec<Value> = self
             .lines()
             .into_iter()
-            .filter_map(|line| match line {
-                Line::Section(title) => Some(json!({ "section": title })),
+            .map(|line| match line {
+                Line::Section(title) => json!({ "section": title }),
                 Line::Row(row) => {
                     let values: serde_json::Map<String, Value> = self
                         .servers
@@ -310,7 +417,7 @@ impl Results<'_> {
                         .zip(&row.values)
                         .map(|(s, v)| (s.clone(), v.map_or(Value::Null, |v| json!(v))))
                         .collect();
-                    Some(json!({ "measurement": row.label, "unit": row.unit, "values": values }))
+                    json!({ "measurement": row.label, "unit": row.unit, "values": values })
                 }
             })
             .collect();

@@ -57,7 +57,11 @@ pub struct KernelCounters {
 
 impl From<KernelMemory> for KernelCounters {
     fn from(k: KernelMemory) -> KernelCounters {
-        KernelCounters { tcp_mem_pages: k.tcp_mem_pages, tcp_inuse: k.tcp_inuse, slab_kb: k.slab_kb }
+        KernelCounters {
+            tcp_mem_pages: k.tcp_mem_pages,
+            tcp_inuse: k.tcp_inuse,
+            slab_kb: k.slab_kb,
+        }
     }
 }
 
@@ -139,7 +143,9 @@ async fn warm_up(server: &mut Server, pace: Pace) -> Result<(), String> {
         return Err(format!("warm-up: {answered} of {WARM} polls answered"));
     }
     // Until the server has forgotten them, the warm-up polls would still be counted.
-    server.wait_parked_at_most(0, Instant::now() + Duration::from_secs(10)).await
+    server
+        .wait_parked_at_most(0, Instant::now() + Duration::from_secs(10))
+        .await
 }
 
 /// Parks `n` polls in `scenario` on a fresh server and measures it; `measure_cpu` adds the quiet
@@ -201,7 +207,9 @@ async fn park_run_on(
     if early > 0 {
         let failure = first_failure(&mut parked);
         parked.close().await;
-        return Err(format!("{early} of {n} polls were answered before the publish: {failure}"));
+        return Err(format!(
+            "{early} of {n} polls were answered before the publish: {failure}"
+        ));
     }
 
     let memory: Memory = procfs::memory_of(&pids).map_err(|e| e.to_string())?;
@@ -235,8 +243,14 @@ async fn park_run_on(
     }
     let publish_answered = published_at.elapsed();
     parked.collect(wake_deadline).await;
-    let server_cpu_ms = procfs::cpu_ns_of(&pids).map_err(|e| e.to_string())?.saturating_sub(server_cpu_before) as f64 / 1e6;
-    let client_cpu_ms = procfs::cpu_ns_of(&me).map_err(|e| e.to_string())?.saturating_sub(client_cpu_before) as f64 / 1e6;
+    let server_cpu_ms = procfs::cpu_ns_of(&pids)
+        .map_err(|e| e.to_string())?
+        .saturating_sub(server_cpu_before) as f64
+        / 1e6;
+    let client_cpu_ms = procfs::cpu_ns_of(&me)
+        .map_err(|e| e.to_string())?
+        .saturating_sub(client_cpu_before) as f64
+        / 1e6;
     let server_fanout_ms = match (fanout_before, server.fanout_histogram().await) {
         (Some((sum0, count0)), Some((sum1, count1))) if count1 > count0 => {
             Some(1000.0 * (sum1 - sum0) / (count1 - count0))
@@ -248,7 +262,10 @@ async fn park_run_on(
     let mut first_wrong = None;
     for outcome in &parked.received {
         match &outcome.result {
-            Ok(response) if response.status == 200 && response.body.windows(10).any(|w| w == b"new_change") => {
+            Ok(response)
+                if response.status == 200
+                    && response.body.windows(10).any(|w| w == b"new_change") =>
+            {
                 times.push(outcome.at.saturating_duration_since(published_at));
             }
             other => {
@@ -308,14 +325,22 @@ fn first_failure(parked: &mut Parked) -> String {
 }
 
 /// Connection rate and publish throughput on a fresh server.
-pub async fn rate_run(kind: Kind, repeat: usize, settings: &RunSettings) -> Result<RateRun, String> {
+pub async fn rate_run(
+    kind: Kind,
+    repeat: usize,
+    settings: &RunSettings,
+) -> Result<RateRun, String> {
     let mut server = Server::start(kind, &settings.binaries).await?;
     let result = rate_run_on(&mut server, repeat, settings).await;
     server.stop().await;
     result
 }
 
-async fn rate_run_on(server: &mut Server, repeat: usize, settings: &RunSettings) -> Result<RateRun, String> {
+async fn rate_run_on(
+    server: &mut Server,
+    repeat: usize,
+    settings: &RunSettings,
+) -> Result<RateRun, String> {
     warm_up(server, settings.pace).await?;
     let kind = server.kind;
     let limit = || Instant::now() + Duration::from_secs(60);
@@ -332,7 +357,14 @@ async fn rate_run_on(server: &mut Server, repeat: usize, settings: &RunSettings)
     .await;
 
     let make = Arc::new(move |i| Server::throughput_request(kind, i));
-    let publishes = load::request_loop(server.internal, make, settings.throughput_count, 16, limit()).await;
+    let publishes = load::request_loop(
+        server.internal,
+        make,
+        settings.throughput_count,
+        16,
+        limit(),
+    )
+    .await;
 
     let batched = if kind.is_nudge() {
         let size = settings.batch_size;

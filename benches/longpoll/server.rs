@@ -68,9 +68,13 @@ impl Scenario {
     }
 
     pub fn parse(name: &str) -> Option<Scenario> {
-        [Scenario::OneTopic, Scenario::OneTopicChannelEach, Scenario::NTopics]
-            .into_iter()
-            .find(|s| s.name() == name)
+        [
+            Scenario::OneTopic,
+            Scenario::OneTopicChannelEach,
+            Scenario::NTopics,
+        ]
+        .into_iter()
+        .find(|s| s.name() == name)
     }
 }
 
@@ -228,9 +232,13 @@ impl Server {
             }
             if Instant::now() >= deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
                 let log = server.prefix.as_ref().map(|p| p.join("error.log"));
-                let log = log.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+                let log = log
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .unwrap_or_default();
                 server.stop().await;
-                return Err(format!("nginx with Nchan did not come up within 10 s:\n{log}"));
+                return Err(format!(
+                    "nginx with Nchan did not come up within 10 s:\n{log}"
+                ));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -265,7 +273,10 @@ impl Server {
             return None;
         }
         let text = self.get_text("/metrics").await.ok()?;
-        Some((metric(&text, "nudge_fanout_seconds_sum")?, metric(&text, "nudge_fanout_seconds_count")?))
+        Some((
+            metric(&text, "nudge_fanout_seconds_sum")?,
+            metric(&text, "nudge_fanout_seconds_count")?,
+        ))
     }
 
     async fn get_text(&mut self, path: &str) -> Result<String, String> {
@@ -290,7 +301,10 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err(format!("{} parked polls were not counted in time (last: {last:?})", n))
+        Err(format!(
+            "{} parked polls were not counted in time (last: {last:?})",
+            n
+        ))
     }
 
     /// Waits until the server counts at most `n` parked polls (the warm-up ones gone).
@@ -303,7 +317,9 @@ impl Server {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        Err(format!("parked polls did not fall to {n} in time (last: {last:?})"))
+        Err(format!(
+            "parked polls did not fall to {n} in time (last: {last:?})"
+        ))
     }
 
     /// The subscribe path of the warm-up polls (one channel on [`WARM_TOPIC`]).
@@ -329,12 +345,12 @@ impl Server {
             }
             (Kind::Nudge, Scenario::NTopics) => self.register(topic_name, n).await?,
             (Kind::Nchan { .. }, Scenario::OneTopic) => vec![format!("/sub?channel={FAN_TOPIC}")],
-            (Kind::Nchan { .. }, Scenario::OneTopicChannelEach) => {
-                (0..n).map(|i| format!("/sub_multi?channel={FAN_TOPIC}&own=c{i}")).collect()
-            }
-            (Kind::Nchan { .. }, Scenario::NTopics) => {
-                (0..n).map(|i| format!("/sub?channel={}", topic_name(i))).collect()
-            }
+            (Kind::Nchan { .. }, Scenario::OneTopicChannelEach) => (0..n)
+                .map(|i| format!("/sub_multi?channel={FAN_TOPIC}&own=c{i}"))
+                .collect(),
+            (Kind::Nchan { .. }, Scenario::NTopics) => (0..n)
+                .map(|i| format!("/sub?channel={}", topic_name(i)))
+                .collect(),
         };
         Ok(Arc::new(paths))
     }
@@ -346,9 +362,11 @@ impl Server {
         topic: impl Fn(usize) -> String,
         n: usize,
     ) -> Result<Vec<String>, String> {
-        let bodies: Vec<String> = (0..n).map(|i| format!(r#"{{"topics":["{}"]}}"#, topic(i))).collect();
-        let answers = parallel_requests(self.internal, "/v1/channels", "application/json", bodies)
-            .await?;
+        let bodies: Vec<String> = (0..n)
+            .map(|i| format!(r#"{{"topics":["{}"]}}"#, topic(i)))
+            .collect();
+        let answers =
+            parallel_requests(self.internal, "/v1/channels", "application/json", bodies).await?;
         answers
             .into_iter()
             .map(|(status, body)| {
@@ -368,9 +386,11 @@ impl Server {
                 "application/json",
                 format!(r#"{{"topic":"{topic}"}}"#).into_bytes(),
             ),
-            Kind::Nchan { .. } => {
-                (format!("/pub?channel={topic}"), "application/json", NCHAN_MESSAGE.to_vec())
-            }
+            Kind::Nchan { .. } => (
+                format!("/pub?channel={topic}"),
+                "application/json",
+                NCHAN_MESSAGE.to_vec(),
+            ),
         };
         let response = self
             .control
@@ -378,7 +398,11 @@ impl Server {
             .await
             .map_err(|e| format!("POST {path}: {e}"))?;
         if !(200..300).contains(&response.status) {
-            return Err(format!("POST {path}: status {}: {}", response.status, response.body_text()));
+            return Err(format!(
+                "POST {path}: status {}: {}",
+                response.status,
+                response.body_text()
+            ));
         }
         Ok(())
     }
@@ -393,11 +417,18 @@ impl Server {
                 let mut body = String::new();
                 loop {
                     let line = lines.next();
-                    let full = line.as_ref().is_some_and(|l| body.len() + l.len() > 900 * 1024);
+                    let full = line
+                        .as_ref()
+                        .is_some_and(|l| body.len() + l.len() > 900 * 1024);
                     if (line.is_none() || full) && !body.is_empty() {
                         let response = self
                             .control
-                            .request("POST", "/v1/publish", Some("application/x-ndjson"), body.as_bytes())
+                            .request(
+                                "POST",
+                                "/v1/publish",
+                                Some("application/x-ndjson"),
+                                body.as_bytes(),
+                            )
                             .await
                             .map_err(|e| format!("POST /v1/publish: {e}"))?;
                         if response.status != 200 {
@@ -414,8 +445,12 @@ impl Server {
             Kind::Nchan { .. } => {
                 let mut workers = JoinSet::new();
                 for k in 0..CONTROL_CONNECTIONS {
-                    let mine: Vec<String> =
-                        topics.iter().skip(k).step_by(CONTROL_CONNECTIONS).cloned().collect();
+                    let mine: Vec<String> = topics
+                        .iter()
+                        .skip(k)
+                        .step_by(CONTROL_CONNECTIONS)
+                        .cloned()
+                        .collect();
                     let mut connection = Connection::new(self.internal);
                     workers.spawn(async move {
                         for topic in mine {
@@ -449,9 +484,11 @@ impl Server {
                 Some("application/json"),
                 format!(r#"{{"topic":"{topic}"}}"#).into_bytes(),
             ),
-            Kind::Nchan { .. } => {
-                (format!("/pub?channel={topic}"), Some("application/json"), NCHAN_MESSAGE.to_vec())
-            }
+            Kind::Nchan { .. } => (
+                format!("/pub?channel={topic}"),
+                Some("application/json"),
+                NCHAN_MESSAGE.to_vec(),
+            ),
         }
     }
 
@@ -460,7 +497,11 @@ impl Server {
         let body: String = (0..size)
             .map(|k| format!("{{\"topic\":\"idle{}\"}}\n", (i * size + k) % 1000))
             .collect();
-        ("/v1/publish".to_owned(), Some("application/x-ndjson"), body.into_bytes())
+        (
+            "/v1/publish".to_owned(),
+            Some("application/x-ndjson"),
+            body.into_bytes(),
+        )
     }
 
     /// Prepares what the connection-rate loop needs and returns the path it requests: a request
@@ -513,7 +554,10 @@ impl Server {
     /// nudge's last log lines, for reports of a failure.
     pub fn log_tail(&self) -> String {
         let tail = self.log_tail.lock().expect("log tail");
-        tail.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+        tail.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
