@@ -1,1 +1,28 @@
-//! nudge
+//! nudge: a long-poll realtime server. Clients park `GET /subscribe?channel=…` polls; the
+//! application's main API registers channels and publishes changes on the internal
+//! listener; every parked poll of every channel on a published topic is answered
+//! `{"message":"new_change"}`. SPEC.md is the behaviour; the README explains it.
+//!
+//! A tour of the modules:
+//! - [`config`]: flags with `NUDGE_*` twins, validated before anything is bound.
+//! - [`server`]: the two listeners, hyper `http1` connections, TLS, and the drain.
+//! - [`http::subscribe`]: the public route; [`http::internal`]: the main API's routes.
+//! - [`hub`]: channels, topics, parked polls, expiry: all the state, none of the I/O.
+//! - [`metrics`]: Prometheus metrics in a registry that is passed in, not global.
+//! - [`error`]: every error answer, one mapping to status and stable `code`.
+//! - [`id`]: channel ids, 128 random bits that are never logged whole.
+//! - [`logging`], [`signal`]: the process around it.
+
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod id;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod signal;
+pub mod tls;
+
+pub use config::Config;
+pub use server::Server;

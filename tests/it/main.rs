@@ -1,1 +1,8 @@
-fn main(){}
+//! nudge's integration tests: one binary, real sockets, real HTTP clients.
+
+mod binary;
+mod internal;
+mod public;
+mod races;
+mod semantics;
+mod support;

@@ -1,0 +1,287 @@
+//! Command-line flags (each with a `NUDGE_*` environment twin) and their validation. All
+//! of it happens before any port is bound: a bad value exits with code 64 and a message
+//! that names the flag.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::hub::Limits;
+
+/// Exit code for a bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "nudge",
+    version,
+    about = "A long-poll realtime server: parks client polls and wakes them when the main API publishes a change."
+)]
+pub struct Args {
+    /// Public listener: serves only `GET /subscribe`.
+    #[arg(long, env = "NUDGE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Internal listener: the main API's and operators' routes.
+    #[arg(long, env = "NUDGE_INTERNAL_LISTEN", default_value = "127.0.0.1:8081")]
+    pub internal_listen: SocketAddr,
+    /// Base of the channel URLs handed to clients [default: http://<listen>].
+    #[arg(long, env = "NUDGE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Channel lifetime without a parked poll: default and maximum.
+    #[arg(long, env = "NUDGE_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// No poll is parked longer than this: default and maximum.
+    #[arg(long, env = "NUDGE_RETRY_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub retry_timeout: Duration,
+    /// `reconnect` answers a channel gives beyond its first: default and maximum.
+    #[arg(long, env = "NUDGE_MAX_RETRIES", default_value_t = 10)]
+    pub max_retries: u32,
+    /// Parked polls (and held polls) on the node [default: open-files limit minus a reserve].
+    #[arg(long, env = "NUDGE_MAX_PARKED")]
+    pub max_parked: Option<usize>,
+    /// Polls parked on one channel at once; one more is answered 429.
+    #[arg(long, env = "NUDGE_MAX_POLLS_PER_CHANNEL", default_value_t = 4)]
+    pub max_polls_per_channel: usize,
+    /// On SIGTERM/SIGINT, parked polls are answered `reconnect` spread over this period.
+    #[arg(long, env = "NUDGE_DRAIN_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    pub drain_period: Duration,
+    /// A client must send its request head within this time.
+    #[arg(long, env = "NUDGE_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Redis URL of the publish bus shared by several nodes (e.g. redis://127.0.0.1:6379).
+    #[arg(long, env = "NUDGE_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Redis pub/sub channel of the publish bus.
+    #[arg(long, env = "NUDGE_REDIS_CHANNEL", default_value = "nudge:publish")]
+    pub redis_channel: String,
+    /// File holding the bearer token of the internal listener.
+    #[arg(long, env = "NUDGE_INTERNAL_TOKEN_FILE")]
+    pub internal_token_file: Option<PathBuf>,
+    /// Origins allowed to long-poll from a browser (repeat, or comma-separate; `*` for any).
+    #[arg(long, env = "NUDGE_CORS_ORIGIN", value_delimiter = ',')]
+    pub cors_origin: Vec<String>,
+    /// Log format.
+    #[arg(long, env = "NUDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// PEM certificate chain: the public listener then speaks HTTPS.
+    #[arg(long, env = "NUDGE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "NUDGE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub internal_listen: SocketAddr,
+    /// `None`: derived from the bound public address.
+    pub public_url: Option<String>,
+    pub limits: Limits,
+    pub max_parked: Option<usize>,
+    pub max_polls_per_channel: usize,
+    pub drain_period: Duration,
+    pub header_read_timeout: Duration,
+    pub redis_url: Option<String>,
+    pub redis_channel: String,
+    /// The internal bearer token, read from `--internal-token-file`.
+    pub internal_token: Option<String>,
+    pub cors_origins: Vec<String>,
+    pub log_format: LogFormat,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Config {
+    /// A configuration for tests and embedding: both listeners on free loopback ports.
+    pub fn for_tests() -> Config {
+        let args = Args::parse_from([
+            "nudge",
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+        ]);
+        Config::from_args(args).expect("test defaults are valid")
+    }
+
+    pub fn from_args(a: Args) -> Result<Config, String> {
+        let at_least_1s = |d: Duration, flag: &str| {
+            if d < Duration::from_secs(1) {
+                Err(format!("--{flag} must be at least 1s"))
+            } else {
+                Ok(d)
+            }
+        };
+        at_least_1s(a.ttl, "ttl")?;
+        at_least_1s(a.retry_timeout, "retry-timeout")?;
+        if a.header_read_timeout.is_zero() {
+            return Err("--header-read-timeout must be more than 0".into());
+        }
+        if a.max_polls_per_channel == 0 {
+            return Err("--max-polls-per-channel must be at least 1".into());
+        }
+        if a.max_parked == Some(0) {
+            return Err("--max-parked must be at least 1".into());
+        }
+        if let Some(url) = &a.public_url
+            && (!(url.starts_with("http://") || url.starts_with("https://")) || url.contains('?'))
+        {
+            return Err(format!(
+                "--public-url must be an http:// or https:// base URL without a query, got {url:?}"
+            ));
+        }
+        if let Some(url) = &a.redis_url
+            && !["redis://", "rediss://", "unix://"]
+                .iter()
+                .any(|s| url.starts_with(s))
+        {
+            return Err(format!(
+                "--redis-url must start with redis://, rediss:// or unix://, got {url:?}"
+            ));
+        }
+        if a.redis_channel.is_empty() {
+            return Err("--redis-channel must not be empty".into());
+        }
+        let internal_token = match &a.internal_token_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("--internal-token-file {}: {e}", path.display()))?;
+                let token = text.trim().to_owned();
+                if token.len() < 16 {
+                    return Err(format!(
+                        "--internal-token-file {}: the token must be at least 16 characters",
+                        path.display()
+                    ));
+                }
+                Some(token)
+            }
+        };
+        if internal_token.is_none() && !a.internal_listen.ip().is_loopback() {
+            return Err(format!(
+                "--internal-listen {} is not a loopback address: set --internal-token-file",
+                a.internal_listen
+            ));
+        }
+        for origin in &a.cors_origin {
+            if origin != "*" && !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(format!(
+                    "--cors-origin {origin:?} must be * or an origin like https://app.example.com"
+                ));
+            }
+        }
+        let tls = match (a.tls_cert, a.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        };
+        Ok(Config {
+            listen: a.listen,
+            internal_listen: a.internal_listen,
+            public_url: a.public_url.map(|u| u.trim_end_matches('/').to_owned()),
+            limits: Limits {
+                ttl: a.ttl,
+                retry_timeout: a.retry_timeout,
+                max_retries: a.max_retries,
+            },
+            max_parked: a.max_parked,
+            max_polls_per_channel: a.max_polls_per_channel,
+            drain_period: a.drain_period,
+            header_read_timeout: a.header_read_timeout,
+            redis_url: a.redis_url,
+            redis_channel: a.redis_channel,
+            internal_token,
+            cors_origins: a
+                .cors_origin
+                .into_iter()
+                .map(|o| o.trim_end_matches('/').to_owned())
+                .collect(),
+            log_format: a.log_format,
+            tls,
+        })
+    }
+}
+
+/// A duration in humantime (`45s`, `10m`, `1h 30m`) or plain integer seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return text
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|e| e.to_string());
+    }
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{e} (use e.g. 45s, 10m, or whole seconds)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["nudge"];
+        argv.extend_from_slice(extra);
+        Config::from_args(Args::try_parse_from(argv).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn defaults_run_a_loopback_node() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.internal_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.limits.ttl, Duration::from_secs(600));
+        assert_eq!(c.limits.retry_timeout, Duration::from_secs(60));
+        assert_eq!(c.limits.max_retries, 10);
+        assert_eq!(c.max_polls_per_channel, 4);
+        assert_eq!(c.drain_period, Duration::from_secs(10));
+        assert_eq!(c.redis_channel, "nudge:publish");
+    }
+
+    #[test]
+    fn durations_are_humantime_or_seconds() {
+        assert_eq!(parse_duration("610s").unwrap(), Duration::from_secs(610));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        assert!(parse(&["--ttl", "0s"]).unwrap_err().contains("--ttl"));
+        assert!(
+            parse(&["--retry-timeout", "abc"])
+                .unwrap_err()
+                .contains("--retry-timeout")
+        );
+        assert!(
+            parse(&["--max-polls-per-channel", "0"])
+                .unwrap_err()
+                .contains("--max-polls-per-channel")
+        );
+        assert!(
+            parse(&["--internal-listen", "0.0.0.0:8081"])
+                .unwrap_err()
+                .contains("--internal-token-file")
+        );
+        assert!(
+            parse(&["--public-url", "ftp://x"])
+                .unwrap_err()
+                .contains("--public-url")
+        );
+    }
+}

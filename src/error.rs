@@ -1,0 +1,64 @@
+//! Errors that become HTTP answers. Every one maps to a status and a stable `code` in one
+//! place, and is written as `{"code":"…","message":"…"}`.
+
+use hyper::StatusCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("no such route")]
+    NotFound,
+    #[error("no such channel")]
+    ChannelNotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("body larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("too many polls parked on this channel")]
+    TooManyPolls,
+    #[error("this node is at its parked-poll limit; retry later or elsewhere")]
+    OverCapacity,
+    #[error("the publish bus is unavailable; nothing was published")]
+    BusUnavailable,
+    #[error("not ready: {0}")]
+    NotReady(&'static str),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound | ApiError::ChannelNotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyPolls => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::OverCapacity | ApiError::BusUnavailable | ApiError::NotReady(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// The stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::NotFound | ApiError::ChannelNotFound => "not_found",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::TooManyPolls => "too_many_polls",
+            ApiError::OverCapacity => "over_capacity",
+            ApiError::BusUnavailable => "bus_unavailable",
+            ApiError::NotReady(_) => "not_ready",
+        }
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({ "code": self.code(), "message": self.to_string() }))
+            .expect("a JSON object of two strings serialises")
+    }
+}

@@ -1,0 +1,414 @@
+//! The internal listener (SPEC §4): the main API registers channels and publishes here;
+//! operators probe and scrape here. A bearer token guards every route but the probes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Body, error, json, json_value};
+use crate::config::parse_duration;
+use crate::error::ApiError;
+use crate::hub::{Hub, Publish, PublishReport, Registration, RevokeFilter};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+pub struct InternalState {
+    pub hub: Arc<Hub>,
+    /// Base of channel URLs, without a trailing `/`.
+    pub public_url: String,
+    pub token: Option<String>,
+    /// False until the listeners are up, and again from the start of the drain.
+    pub ready: AtomicBool,
+}
+
+impl InternalState {
+    /// Applies publishes on this node.
+    async fn publish(&self, batch: Vec<Publish>) -> Result<PublishReport, ApiError> {
+        Ok(self.hub.publish(&batch, "api"))
+    }
+
+    fn readiness(&self) -> Result<(), ApiError> {
+        if self.hub.is_draining() {
+            return Err(ApiError::NotReady("draining"));
+        }
+        if !self.ready.load(Ordering::Acquire) {
+            return Err(ApiError::NotReady("starting"));
+        }
+        Ok(())
+    }
+}
+
+pub async fn handle(req: Request<Incoming>, state: &InternalState) -> Response<Body> {
+    match route(req, state).await {
+        Ok(res) => res,
+        Err(e) => error(&e),
+    }
+}
+
+async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    // Probes answer without a token: load balancers and kubelets have none.
+    match path.as_str() {
+        "/healthz" => {
+            return only(&method, Method::GET)
+                .map(|_| json(StatusCode::OK, &br#"{"status":"ok"}"#[..]));
+        }
+        "/readyz" => {
+            only(&method, Method::GET)?;
+            state.readiness()?;
+            return Ok(json(StatusCode::OK, &br#"{"status":"ready"}"#[..]));
+        }
+        _ => {}
+    }
+    authorize(&req, state)?;
+    match path.as_str() {
+        "/metrics" => {
+            only(&method, Method::GET)?;
+            let mut res = Response::new(Body::new(Bytes::from(state.hub.metrics().render())));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            Ok(res)
+        }
+        "/v1/channels" => {
+            only(&method, Method::POST)?;
+            let body: RegisterBody = parse_json(&read_body(req).await?)?;
+            register(state, body)
+        }
+        "/v1/publish" => {
+            only(&method, Method::POST)?;
+            let content_type = req
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let body = read_body(req).await?;
+            let batch =
+                parse_publish_body(content_type.as_deref(), &body).map_err(ApiError::BadRequest)?;
+            let report = state.publish(batch).await?;
+            Ok(json_value(StatusCode::OK, &report))
+        }
+        "/v1/revoke" => {
+            only(&method, Method::POST)?;
+            let body: RevokeBody = parse_json(&read_body(req).await?)?;
+            let filter = body.into_filter()?;
+            let revoked = state.hub.revoke(&filter);
+            Ok(json_value(StatusCode::OK, &json!({ "revoked": revoked })))
+        }
+        p if p.starts_with("/v1/channels/") => {
+            let id = &p["/v1/channels/".len()..];
+            match method {
+                Method::GET => state
+                    .hub
+                    .channel_info(id)
+                    .map(|info| json_value(StatusCode::OK, &info))
+                    .ok_or(ApiError::ChannelNotFound),
+                Method::DELETE => {
+                    if state.hub.delete(id) {
+                        let mut res = json(StatusCode::NO_CONTENT, Bytes::new());
+                        res.headers_mut().remove(header::CONTENT_TYPE);
+                        Ok(res)
+                    } else {
+                        Err(ApiError::ChannelNotFound)
+                    }
+                }
+                _ => Err(ApiError::MethodNotAllowed {
+                    allow: "GET, DELETE",
+                }),
+            }
+        }
+        _ => Err(ApiError::NotFound),
+    }
+}
+
+fn only(method: &Method, allowed: Method) -> Result<(), ApiError> {
+    if *method == allowed {
+        Ok(())
+    } else if allowed == Method::GET {
+        Err(ApiError::MethodNotAllowed { allow: "GET" })
+    } else {
+        Err(ApiError::MethodNotAllowed { allow: "POST" })
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time when a token is set.
+fn authorize(req: &Request<Incoming>, state: &InternalState) -> Result<(), ApiError> {
+    let Some(token) = &state.token else {
+        return Ok(());
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or(b"");
+    if constant_time_eq(given, token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Compares without an early exit, so the time taken says nothing about where the first
+/// difference is (the length of the token is not a secret worth hiding).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::PayloadTooLarge { limit: MAX_BODY })
+        }
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "could not read the body: {e}"
+        ))),
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// Parses a publish body: one JSON object, a JSON array of them, or NDJSON (with
+/// `Content-Type: application/x-ndjson`). All or nothing: one bad entry refuses the batch.
+/// The bus carries the same payloads.
+pub fn parse_publish_body(content_type: Option<&str>, body: &[u8]) -> Result<Vec<Publish>, String> {
+    let ndjson = content_type
+        .and_then(|c| c.split(';').next())
+        .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/x-ndjson"));
+    let batch: Vec<Publish> = if ndjson {
+        let mut batch = Vec::new();
+        for (n, line) in body.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            batch.push(
+                serde_json::from_slice(line).map_err(|e| format!("NDJSON line {}: {e}", n + 1))?,
+            );
+        }
+        batch
+    } else {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            Many(Vec<Publish>),
+            One(Publish),
+        }
+        match serde_json::from_slice::<OneOrMany>(body) {
+            Ok(OneOrMany::Many(v)) => v,
+            Ok(OneOrMany::One(p)) => vec![p],
+            // Untagged enums hide the cause: parse again as the likelier shape to tell it.
+            Err(_) => {
+                let first = body.iter().find(|b| !b.is_ascii_whitespace());
+                let err = if first == Some(&b'[') {
+                    serde_json::from_slice::<Vec<Publish>>(body).err()
+                } else {
+                    serde_json::from_slice::<Publish>(body).err()
+                };
+                return Err(format!(
+                    "a publish body is {{\"topic\":…}}, an array of them, or NDJSON: {}",
+                    err.map_or_else(|| "invalid JSON".to_owned(), |e| e.to_string())
+                ));
+            }
+        }
+    };
+    for p in &batch {
+        if !visible_ascii(&p.topic, crate::hub::MAX_TOPIC_LEN) {
+            return Err(format!(
+                "topic {:?} is not 1 to 256 bytes of visible ASCII",
+                p.topic.chars().take(64).collect::<String>()
+            ));
+        }
+        if p.stream_type
+            .as_ref()
+            .is_some_and(|t| !visible_ascii(t, 64))
+        {
+            return Err("stream_type must be 1 to 64 bytes of visible ASCII".into());
+        }
+    }
+    Ok(batch)
+}
+
+fn visible_ascii(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+/// A duration in a body: integer seconds or a humantime string.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum DurationField {
+    Seconds(u64),
+    Text(String),
+}
+
+impl DurationField {
+    fn to_duration(&self, name: &str) -> Result<Duration, ApiError> {
+        match self {
+            DurationField::Seconds(s) => Ok(Duration::from_secs(*s)),
+            DurationField::Text(t) => {
+                parse_duration(t).map_err(|e| ApiError::BadRequest(format!("{name}: {e}")))
+            }
+        }
+    }
+}
+
+/// `max_retries` as a number or, as Box writes it, a string of digits.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum CountField {
+    Number(u32),
+    Text(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    topics: Vec<String>,
+    subject: Option<String>,
+    stream_type: Option<String>,
+    ttl: Option<DurationField>,
+    retry_timeout: Option<DurationField>,
+    max_retries: Option<CountField>,
+}
+
+fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>, ApiError> {
+    let max_retries = match body.max_retries {
+        None => None,
+        Some(CountField::Number(n)) => Some(n),
+        Some(CountField::Text(t)) => Some(t.parse::<u32>().map_err(|_| {
+            ApiError::BadRequest("max_retries must be a non-negative integer".into())
+        })?),
+    };
+    let registration = Registration {
+        topics: body.topics,
+        subject: body.subject,
+        stream_type: body.stream_type,
+        ttl: body.ttl.map(|d| d.to_duration("ttl")).transpose()?,
+        retry_timeout: body
+            .retry_timeout
+            .map(|d| d.to_duration("retry_timeout"))
+            .transpose()?,
+        max_retries,
+    };
+    let reg = state
+        .hub
+        .register(registration)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let stream_type = reg.stream_type.as_deref().unwrap_or("all");
+    let url = format!(
+        "{}/subscribe?channel={}&stream_type={}",
+        state.public_url,
+        reg.id,
+        form_urlencoded::byte_serialize(stream_type.as_bytes()).collect::<String>()
+    );
+    // Box's shape, to the letter: `ttl` (whole minutes, rounded up) and `max_retries` are
+    // strings, `retry_timeout` a number of seconds. Some SDKs reject anything else.
+    let body = json!({
+        "chunk_size": 1,
+        "entries": [{
+            "type": "realtime_server",
+            "url": url,
+            "ttl": reg.limits.ttl.as_secs().div_ceil(60).to_string(),
+            "max_retries": reg.limits.max_retries.to_string(),
+            "retry_timeout": reg.limits.retry_timeout.as_secs_f64().ceil() as u64,
+        }],
+        "channel": reg.id.to_string(),
+    });
+    Ok(json_value(StatusCode::CREATED, &body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    subject: Option<String>,
+    topic: Option<String>,
+}
+
+impl RevokeBody {
+    fn into_filter(self) -> Result<RevokeFilter, ApiError> {
+        let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+        let filter = RevokeFilter {
+            subject: nonempty(self.subject),
+            topic: nonempty(self.topic),
+        };
+        if filter.subject.is_none() && filter.topic.is_none() {
+            return Err(ApiError::BadRequest(
+                "give a subject, a topic, or both".into(),
+            ));
+        }
+        Ok(filter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_bodies_object_array_and_ndjson() {
+        let one = parse_publish_body(None, br#"{"topic":"a","position":3}"#).unwrap();
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0].position, Some(3));
+        let many = parse_publish_body(
+            Some("application/json"),
+            br#"[{"topic":"a"},{"topic":"b","stream_type":"changes"}]"#,
+        )
+        .unwrap();
+        assert_eq!(many.len(), 2);
+        let nd = parse_publish_body(
+            Some("application/x-ndjson; charset=utf-8"),
+            b"{\"topic\":\"a\"}\n\n{\"topic\":\"b\"}\n",
+        )
+        .unwrap();
+        assert_eq!(nd.len(), 2);
+    }
+
+    #[test]
+    fn bad_publish_bodies_say_why() {
+        assert!(parse_publish_body(None, b"").is_err());
+        assert!(parse_publish_body(None, br#"{"topic":""}"#).is_err());
+        assert!(parse_publish_body(None, br#"{"topic":"a b"}"#).is_err());
+        assert!(
+            parse_publish_body(None, br#"{"topic":"a","position":-1}"#)
+                .unwrap_err()
+                .contains("-1")
+        );
+        assert!(parse_publish_body(None, br#"{"topic":"a","position":1.5}"#).is_err());
+        assert!(
+            parse_publish_body(None, br#"{"topic":"a","extra":1}"#)
+                .unwrap_err()
+                .contains("extra")
+        );
+        assert!(
+            parse_publish_body(Some("application/x-ndjson"), b"{\"topic\":\"a\"}\nnope")
+                .unwrap_err()
+                .contains("line 2")
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_is_eq() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

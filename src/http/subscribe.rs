@@ -1,0 +1,244 @@
+//! The public listener's one route, `GET /subscribe` (SPEC §2), and CORS for it.
+//! The `Authorization` header clients send along is never read or logged.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use super::{Body, error, json};
+use crate::error::ApiError;
+use crate::hub::{Answer, Hub, PollRequest, PollStart};
+use crate::metrics::outcome;
+
+/// Longest query string accepted (`400 bad_request` past it).
+pub const MAX_QUERY_LEN: usize = 4096;
+
+pub struct PublicState {
+    pub hub: Arc<Hub>,
+    pub cors: Cors,
+}
+
+/// The answer bodies, serialised once.
+pub fn answer_body(answer: Answer) -> Bytes {
+    Bytes::from_static(match answer {
+        Answer::NewChange => br#"{"message":"new_change"}"#,
+        Answer::Reconnect => br#"{"message":"reconnect"}"#,
+        Answer::MaxRetries => br#"{"message":"max_retries"}"#,
+        Answer::NoChange => br#"{"message":"no_change"}"#,
+    })
+}
+
+/// A decoded `/subscribe` query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscribeQuery {
+    pub channel: String,
+    pub stream_position: Option<u64>,
+    pub dont_block: bool,
+}
+
+/// Decodes a `/subscribe` query string. Unknown parameters are ignored (SDKs add their
+/// own); a parameter given twice with different values is an error, since we could only
+/// guess which one the client meant.
+pub fn parse_query(query: Option<&str>) -> Result<SubscribeQuery, String> {
+    let query = query.unwrap_or("");
+    if query.len() > MAX_QUERY_LEN {
+        return Err(format!("query longer than {MAX_QUERY_LEN} bytes"));
+    }
+    let mut channel: Option<String> = None;
+    let mut position: Option<String> = None;
+    let mut dont_block: Option<String> = None;
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        let slot = match &*key {
+            "channel" => &mut channel,
+            "stream_position" => &mut position,
+            "dont_block" => &mut dont_block,
+            _ => continue,
+        };
+        match slot {
+            Some(old) if *old != value => {
+                return Err(format!("{key} is given twice with different values"));
+            }
+            Some(_) => {}
+            None => *slot = Some(value.into_owned()),
+        }
+    }
+    let channel = match channel {
+        Some(c) if !c.is_empty() => c,
+        _ => return Err("the channel parameter is missing or empty".into()),
+    };
+    let stream_position = match position.as_deref() {
+        None | Some("") | Some("now") => None,
+        Some(p) if p.bytes().all(|b| b.is_ascii_digit()) => Some(
+            p.parse::<u64>()
+                .map_err(|_| "stream_position is larger than 18446744073709551615".to_owned())?,
+        ),
+        Some(_) => return Err("stream_position must be a non-negative integer or now".into()),
+    };
+    let dont_block =
+        matches!(dont_block.as_deref(), Some(v) if v.eq_ignore_ascii_case("true") || v == "1");
+    Ok(SubscribeQuery {
+        channel,
+        stream_position,
+        dont_block,
+    })
+}
+
+pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let mut res = route(req, state).await;
+    state.cors.decorate(origin.as_ref(), res.headers_mut());
+    res
+}
+
+async fn route(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
+    if req.uri().path() != "/subscribe" {
+        return error(&ApiError::NotFound);
+    }
+    match *req.method() {
+        Method::GET => {}
+        Method::OPTIONS if state.cors.enabled() => return state.cors.preflight(req.headers()),
+        _ => {
+            let allow = if state.cors.enabled() {
+                "GET, OPTIONS"
+            } else {
+                "GET"
+            };
+            return error(&ApiError::MethodNotAllowed { allow });
+        }
+    }
+    let query = match parse_query(req.uri().query()) {
+        Ok(q) => q,
+        Err(message) => {
+            state.hub.metrics().count_outcome(outcome::BAD_REQUEST);
+            return error(&ApiError::BadRequest(message));
+        }
+    };
+    // The request head is all we need: let go of it before parking.
+    drop(req);
+    let poll = PollRequest {
+        stream_position: query.stream_position,
+        dont_block: query.dont_block,
+    };
+    let answer = match state.hub.poll(&query.channel, poll) {
+        PollStart::Answer(a) => a,
+        PollStart::Hold(held) => held.wait().await,
+        PollStart::Park(parked) => parked.wait().await,
+        PollStart::TooManyPolls => return error(&ApiError::TooManyPolls),
+        PollStart::OverCapacity => return error(&ApiError::OverCapacity),
+    };
+    json(StatusCode::OK, answer_body(answer))
+}
+
+/// `--cors-origin`: which browser origins may long-poll.
+#[derive(Clone, Debug, Default)]
+pub struct Cors {
+    origins: Vec<String>,
+}
+
+impl Cors {
+    pub fn new(origins: Vec<String>) -> Cors {
+        Cors { origins }
+    }
+
+    fn enabled(&self) -> bool {
+        !self.origins.is_empty()
+    }
+
+    fn allows(&self, origin: &HeaderValue) -> bool {
+        let origin = origin.as_bytes();
+        self.origins
+            .iter()
+            .any(|o| o == "*" || o.as_bytes() == origin)
+    }
+
+    /// Adds the CORS headers to an answer for an allowed origin.
+    fn decorate(&self, origin: Option<&HeaderValue>, headers: &mut HeaderMap) {
+        if !self.enabled() {
+            return;
+        }
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+        if let Some(origin) = origin.filter(|o| self.allows(o)) {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        }
+    }
+
+    fn preflight(&self, headers: &HeaderMap) -> Response<Body> {
+        let Some(origin) = headers.get(header::ORIGIN).filter(|o| self.allows(o)) else {
+            let mut res = json(
+                StatusCode::FORBIDDEN,
+                &br#"{"code":"origin_not_allowed","message":"this origin may not long-poll here"}"#
+                    [..],
+            );
+            res.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("Origin"));
+            return res;
+        };
+        let mut res = json(StatusCode::NO_CONTENT, Bytes::new());
+        let h = res.headers_mut();
+        h.remove(header::CONTENT_TYPE);
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, OPTIONS"),
+        );
+        let asked = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            asked.unwrap_or(HeaderValue::from_static("Authorization, Content-Type")),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parameters_in_any_order_with_extras_ignored() {
+        let q = parse_query(Some(
+            "x=1&stream_position=42&channel=abc&dont_block=true&stream_type=all",
+        ))
+        .unwrap();
+        assert_eq!(
+            q,
+            SubscribeQuery {
+                channel: "abc".into(),
+                stream_position: Some(42),
+                dont_block: true
+            }
+        );
+        let q = parse_query(Some("channel=abc&stream_position=now")).unwrap();
+        assert_eq!(q.stream_position, None);
+        assert!(!q.dont_block);
+    }
+
+    #[test]
+    fn bad_queries_are_refused_with_a_reason() {
+        for bad in [
+            None,
+            Some(""),
+            Some("channel="),
+            Some("channel=a&channel=b"),
+            Some("channel=a&stream_position=-1"),
+            Some("channel=a&stream_position=1.5"),
+            Some("channel=a&stream_position=99999999999999999999"),
+            Some("channel=a&stream_position=later"),
+        ] {
+            assert!(parse_query(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("channel={}", "a".repeat(MAX_QUERY_LEN));
+        assert!(parse_query(Some(&long)).unwrap_err().contains("longer"));
+        assert!(
+            parse_query(Some("channel=a&channel=a")).is_ok(),
+            "same value twice is fine"
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! One channel's state. Plain data: every method here runs under its shard's lock, and
+//! none of them blocks, allocates much, or answers a poll (answers are sent after the
+//! lock is released, see `hub/mod.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::Answer;
+
+/// The limits a channel enforces: the node's defaults, lowered per channel on registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub ttl: Duration,
+    pub retry_timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// A parked poll as the channel sees it: 16 bytes. `key` tells the poll's own guard which
+/// waiter is its own; `tx` delivers the answer.
+pub(crate) struct Waiter {
+    pub key: u64,
+    pub tx: oneshot::Sender<Answer>,
+}
+
+/// Whether a change is waiting for the next poll, and what positions set it, so that a poll
+/// carrying a newer `stream_position` can drop a mark it has already seen.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Pending {
+    set: bool,
+    /// Set by at least one publish without a position: never dropped by a position.
+    unpositioned: bool,
+    max_position: u64,
+}
+
+impl Pending {
+    pub fn mark(&mut self, position: Option<u64>) {
+        self.set = true;
+        match position {
+            Some(p) => self.max_position = self.max_position.max(p),
+            None => self.unpositioned = true,
+        }
+    }
+    pub fn is_set(&self) -> bool {
+        self.set
+    }
+    pub fn clear(&mut self) {
+        *self = Pending::default();
+    }
+    /// Drops a mark set only by positions the client has already seen (`<= seen`).
+    pub fn drop_if_seen(&mut self, seen: u64) {
+        if self.set && !self.unpositioned && self.max_position <= seen {
+            self.clear();
+        }
+    }
+}
+
+pub(crate) struct Channel {
+    pub topics: Arc<[Arc<str>]>,
+    pub subject: Option<Arc<str>>,
+    /// `None` means `all`.
+    pub stream_type: Option<Box<str>>,
+    pub limits: Limits,
+    /// `reconnect` answers given so far; the budget is `1 + max_retries`.
+    pub reconnects: u32,
+    pub pending: Pending,
+    pub waiters: Vec<Waiter>,
+    /// When the channel expires for want of polls; `None` while a poll is parked.
+    pub idle_deadline: Option<Instant>,
+}
+
+impl Channel {
+    /// Whether a publish with this `stream_type` concerns the channel.
+    pub fn wants(&self, stream_type: Option<&str>) -> bool {
+        match (&self.stream_type, stream_type) {
+            (None, _) | (_, None) => true,
+            (Some(mine), Some(theirs)) => **mine == *theirs,
+        }
+    }
+
+    pub fn budget_spent(&self) -> bool {
+        u64::from(self.reconnects) > u64::from(self.limits.max_retries)
+    }
+
+    /// Called whenever the last parked poll leaves: the ttl clock starts again.
+    pub fn touch_if_idle(&mut self, now: Instant) {
+        if self.waiters.is_empty() {
+            self.idle_deadline = Some(now + self.limits.ttl);
+        }
+    }
+
+    /// Removes the waiter with `key`, if it is still here.
+    pub fn take_waiter(&mut self, key: u64) -> Option<Waiter> {
+        let at = self.waiters.iter().position(|w| w.key == key)?;
+        Some(self.waiters.swap_remove(at))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_set_by_seen_positions_is_dropped_but_not_an_unpositioned_one() {
+        let mut p = Pending::default();
+        p.mark(Some(5));
+        p.mark(Some(7));
+        p.drop_if_seen(6);
+        assert!(p.is_set(), "7 was not seen yet");
+        p.drop_if_seen(7);
+        assert!(!p.is_set());
+
+        p.mark(Some(3));
+        p.mark(None);
+        p.drop_if_seen(100);
+        assert!(
+            p.is_set(),
+            "a publish without position can't be proven seen"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Memory of channel ids that were answered `max_retries` (SPEC §3, "channels that are not
+//! live"): for 60 s after that first answer, further polls of the id are held 1–3 s and
+//! answered `reconnect`, so SDKs that ignore `max_retries` do not loop hot. Bounded: the
+//! oldest ids are forgotten first. Ids are remembered by a keyed hash of their text, so
+//! malformed ids (which are also just "unknown") cost the same few bytes.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How long an id is remembered after its first `max_retries` answer.
+pub const REMEMBER_FOR: Duration = Duration::from_secs(60);
+
+pub(crate) struct NotLive {
+    hasher: RandomState,
+    first_answer: HashMap<u64, Instant>,
+    /// Oldest first; an entry may be stale (the id was forgotten and seen again), and is
+    /// then skipped by comparing its time with the map's.
+    order: VecDeque<(u64, Instant)>,
+    capacity: usize,
+}
+
+/// What to do with a poll of an id that is not live.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NotLiveAnswer {
+    /// First poll (or the memory lapsed): answer `max_retries` now.
+    MaxRetries,
+    /// Seen within the memory: hold, then answer `reconnect`.
+    Hold,
+}
+
+impl NotLive {
+    pub fn new(capacity: usize) -> NotLive {
+        NotLive {
+            hasher: RandomState::new(),
+            first_answer: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.first_answer.len()
+    }
+
+    pub fn poll(&mut self, id_text: &str, now: Instant) -> NotLiveAnswer {
+        let key = self.hasher.hash_one(id_text);
+        match self.first_answer.get(&key) {
+            Some(&at) if now.saturating_duration_since(at) < REMEMBER_FOR => NotLiveAnswer::Hold,
+            _ => {
+                self.insert(key, now);
+                NotLiveAnswer::MaxRetries
+            }
+        }
+    }
+
+    /// Records that `id_text` was just answered `max_retries` (retired, revoked, deleted).
+    pub fn remember(&mut self, id_text: &str, now: Instant) {
+        let key = self.hasher.hash_one(id_text);
+        self.insert(key, now);
+    }
+
+    fn insert(&mut self, key: u64, now: Instant) {
+        self.first_answer.insert(key, now);
+        self.order.push_back((key, now));
+        while self.first_answer.len() > self.capacity {
+            self.pop_oldest();
+        }
+        // Stale order entries are bounded too: never more than twice the live ones.
+        while self.order.len() > 2 * self.capacity.max(1) {
+            self.pop_oldest();
+        }
+    }
+
+    fn pop_oldest(&mut self) {
+        if let Some((key, at)) = self.order.pop_front()
+            && self.first_answer.get(&key) == Some(&at)
+        {
+            self.first_answer.remove(&key);
+        }
+    }
+
+    pub fn sweep(&mut self, now: Instant) {
+        while let Some(&(_, at)) = self.order.front() {
+            if now.saturating_duration_since(at) < REMEMBER_FOR {
+                break;
+            }
+            self.pop_oldest();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_poll_is_max_retries_then_held_for_60s_then_forgotten() {
+        let mut nl = NotLive::new(8);
+        let t0 = Instant::now();
+        assert_eq!(nl.poll("x", t0), NotLiveAnswer::MaxRetries);
+        assert_eq!(
+            nl.poll("x", t0 + Duration::from_secs(59)),
+            NotLiveAnswer::Hold
+        );
+        assert_eq!(
+            nl.poll("x", t0 + Duration::from_secs(61)),
+            NotLiveAnswer::MaxRetries
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_oldest_first() {
+        let mut nl = NotLive::new(3);
+        let t0 = Instant::now();
+        for id in ["a", "b", "c", "d"] {
+            nl.poll(id, t0);
+        }
+        assert_eq!(nl.len(), 3);
+        assert_eq!(
+            nl.poll("a", t0),
+            NotLiveAnswer::MaxRetries,
+            "a was forgotten"
+        );
+        assert_eq!(nl.poll("d", t0), NotLiveAnswer::Hold);
+        for i in 0..1000 {
+            nl.poll("d", t0 + Duration::from_secs(61 * i));
+        }
+        assert!(nl.order.len() <= 6);
+    }
+
+    #[test]
+    fn sweep_forgets_after_60s() {
+        let mut nl = NotLive::new(8);
+        let t0 = Instant::now();
+        nl.remember("x", t0);
+        nl.sweep(t0 + Duration::from_secs(60));
+        assert_eq!(nl.len(), 0);
+    }
+}

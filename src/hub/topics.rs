@@ -1,0 +1,171 @@
+//! The topic index: which channels listen on a topic, and the topic's latest published
+//! position. Sharded by topic name; a shard lock is never held together with a channel
+//! shard lock (callers copy what they need out and release it).
+//!
+//! A topic entry lives while a channel is bound to it, and a published position is
+//! remembered for at least `remember_for` (the node's ttl) after the publish, channels or
+//! not, so that a channel registered just after a publish still sees it. Entries kept only
+//! for a position are bounded by `position_capacity`; past it, new positions of topics
+//! nobody listens to are not remembered (counted in `positions_refused`).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::id::{ChannelId, IdHasher};
+
+#[derive(Default)]
+struct Topic {
+    channels: HashSet<ChannelId, IdHasher>,
+    position: Option<u64>,
+    last_publish: Option<Instant>,
+}
+
+type TopicShard = HashMap<Arc<str>, Topic>;
+
+pub(crate) struct Topics {
+    shards: Box<[Mutex<TopicShard>]>,
+    hasher: RandomState,
+    remember_for: Duration,
+    position_capacity: usize,
+    count: AtomicUsize,
+    /// Entries that exist only to remember a position.
+    position_only: AtomicUsize,
+    pub positions_refused: AtomicU64,
+}
+
+impl Topics {
+    pub fn new(shards: usize, remember_for: Duration, position_capacity: usize) -> Topics {
+        Topics {
+            shards: (0..shards).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            remember_for,
+            position_capacity,
+            count: AtomicUsize::new(0),
+            position_only: AtomicUsize::new(0),
+            positions_refused: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, topic: &str) -> &Mutex<TopicShard> {
+        let index = self.hasher.hash_one(topic) as usize & (self.shards.len() - 1);
+        &self.shards[index]
+    }
+
+    /// Number of topic entries (bound to channels or remembering a position).
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Binds a channel to a topic; returns the shared name to keep in the channel.
+    pub fn attach(&self, topic: &str, id: ChannelId) -> Arc<str> {
+        let mut shard = self.shard(topic).lock();
+        if let Some(name) = shard.get_key_value(topic).map(|(name, _)| name.clone()) {
+            let entry = shard.get_mut(topic).expect("found above");
+            if entry.channels.is_empty() {
+                self.position_only.fetch_sub(1, Ordering::Relaxed);
+            }
+            entry.channels.insert(id);
+            return name;
+        }
+        let name: Arc<str> = Arc::from(topic);
+        let mut entry = Topic::default();
+        entry.channels.insert(id);
+        shard.insert(name.clone(), entry);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        name
+    }
+
+    /// Unbinds a channel; the entry goes when nothing keeps it.
+    pub fn detach(&self, topic: &str, id: ChannelId, now: Instant) {
+        let mut shard = self.shard(topic).lock();
+        let Some(entry) = shard.get_mut(topic) else {
+            return;
+        };
+        entry.channels.remove(&id);
+        if entry.channels.is_empty() {
+            if self.keeps_position(entry, now) {
+                self.position_only.fetch_add(1, Ordering::Relaxed);
+            } else {
+                shard.remove(topic);
+                self.count.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn keeps_position(&self, entry: &Topic, now: Instant) -> bool {
+        entry.position.is_some()
+            && entry
+                .last_publish
+                .is_some_and(|at| now.saturating_duration_since(at) < self.remember_for)
+    }
+
+    /// Records a publish and appends the channels it concerns to `out`.
+    pub fn publish(
+        &self,
+        topic: &str,
+        position: Option<u64>,
+        now: Instant,
+        out: &mut Vec<ChannelId>,
+    ) {
+        let mut shard = self.shard(topic).lock();
+        if let Some(entry) = shard.get_mut(topic) {
+            if let Some(p) = position {
+                entry.position = Some(entry.position.map_or(p, |old| old.max(p)));
+                entry.last_publish = Some(now);
+            }
+            out.extend(entry.channels.iter().copied());
+            return;
+        }
+        // Nobody listens: only a position is worth remembering.
+        let Some(p) = position else { return };
+        if self.position_only.load(Ordering::Relaxed) >= self.position_capacity {
+            self.positions_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let entry = Topic {
+            channels: HashSet::default(),
+            position: Some(p),
+            last_publish: Some(now),
+        };
+        shard.insert(Arc::from(topic), entry);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.position_only.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The newest position published on any of `topics`.
+    pub fn newest_position(&self, topics: &[Arc<str>]) -> Option<u64> {
+        topics
+            .iter()
+            .filter_map(|t| self.shard(t).lock().get(&**t).and_then(|e| e.position))
+            .max()
+    }
+
+    /// Channels bound to `topic`.
+    pub fn channels_of(&self, topic: &str) -> Vec<ChannelId> {
+        self.shard(topic)
+            .lock()
+            .get(topic)
+            .map(|e| e.channels.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets positions older than `remember_for` on topics nobody listens to.
+    pub fn sweep(&self, now: Instant) {
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let before = shard.len();
+            shard.retain(|_, e| !e.channels.is_empty() || self.keeps_position(e, now));
+            let removed = before - shard.len();
+            if removed > 0 {
+                self.count.fetch_sub(removed, Ordering::Relaxed);
+                self.position_only.fetch_sub(removed, Ordering::Relaxed);
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Prometheus metrics. One `Metrics` is registered into a `Registry` that is passed in, not
+//! a global, so every test server gets its own. Labels are low-cardinality: never a channel
+//! or a topic.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::hub::Answer;
+
+pub struct Metrics {
+    registry: Registry,
+    pub parked_polls: IntGauge,
+    pub channels: IntGauge,
+    pub topics: IntGauge,
+    pub open_connections: IntGauge,
+    pub polls_total: IntCounterVec,
+    pub publishes_total: IntCounterVec,
+    pub wakeups_total: IntCounter,
+    pub bus_gaps_total: IntCounter,
+    /// Registered only when a bus is configured: a node without one has nothing to be
+    /// disconnected from, and must not trip a "bus down" alert.
+    pub bus_connected: IntGauge,
+    pub fanout_seconds: Histogram,
+}
+
+/// Outcomes counted in `nudge_polls_total{outcome}` besides the four answers.
+pub mod outcome {
+    pub const TOO_MANY_POLLS: &str = "too_many_polls";
+    pub const OVER_CAPACITY: &str = "over_capacity";
+    pub const BAD_REQUEST: &str = "bad_request";
+    /// The client went away while parked.
+    pub const GONE: &str = "gone";
+}
+
+impl Metrics {
+    pub fn new(registry: Registry, with_bus: bool) -> Metrics {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
+            c
+        }
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).unwrap());
+        let m = Metrics {
+            parked_polls: gauge("nudge_parked_polls", "Polls parked on channels right now."),
+            channels: gauge("nudge_channels", "Live channels on this node."),
+            topics: gauge(
+                "nudge_topics",
+                "Topic entries: topics with channels, and remembered positions.",
+            ),
+            open_connections: gauge(
+                "nudge_open_connections",
+                "Open connections on the public listener.",
+            ),
+            bus_connected: {
+                let g = IntGauge::new(
+                    "nudge_bus_connected",
+                    "1 while the publish bus subscription is up.",
+                )
+                .unwrap();
+                if with_bus {
+                    registry.register(Box::new(g.clone())).expect("metric names are unique");
+                }
+                g
+            },
+            polls_total: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("nudge_polls_total", "Polls answered, by outcome."),
+                    &["outcome"],
+                )
+                .unwrap(),
+            ),
+            publishes_total: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "nudge_publishes_total",
+                        "Publishes applied on this node, by source (api, bus).",
+                    ),
+                    &["source"],
+                )
+                .unwrap(),
+            ),
+            wakeups_total: reg(
+                &registry,
+                IntCounter::new("nudge_wakeups_total", "Parked polls woken by a publish.").unwrap(),
+            ),
+            bus_gaps_total: reg(
+                &registry,
+                IntCounter::new(
+                    "nudge_bus_gaps_total",
+                    "Gaps in the bus subscription after which every channel was marked pending.",
+                )
+                .unwrap(),
+            ),
+            fanout_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "nudge_fanout_seconds",
+                        "From a publish's arrival to the last of its answers handed to a connection.",
+                    )
+                    .buckets(vec![
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            registry,
+        };
+        for o in ["new_change", "reconnect", "max_retries", "no_change"] {
+            m.polls_total.with_label_values(&[o]);
+        }
+        for s in ["api", "bus"] {
+            m.publishes_total.with_label_values(&[s]);
+        }
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics register once");
+        m
+    }
+
+    pub fn count_answer(&self, answer: Answer) {
+        self.polls_total.with_label_values(&[answer.as_str()]).inc();
+    }
+
+    pub fn count_outcome(&self, outcome: &str) {
+        self.polls_total.with_label_values(&[outcome]).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding into a Vec cannot fail");
+        out
+    }
+}

@@ -1,0 +1,192 @@
+//! The `nudge` binary itself: flags, environment, bound addresses in the log, exit codes.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nudge");
+
+/// A running `nudge` with the addresses it logged.
+struct Node {
+    child: Child,
+    public: String,
+    internal: String,
+}
+
+fn start(args: &[&str], env: &[(&str, &str)]) -> Node {
+    let mut child = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut public, mut internal) = (None, None);
+    while public.is_none() || internal.is_none() {
+        let line = lines.next().expect("nudge logs its addresses").unwrap();
+        let after = |key: &str| {
+            line.split(key)
+                .nth(1)
+                .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
+        };
+        public = public.or(after("listening public="));
+        internal = internal.or(after("listening internal="));
+    }
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Node {
+        child,
+        public: public.unwrap(),
+        internal: internal.unwrap(),
+    }
+}
+
+fn sigterm(child: &Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> i32 {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code().expect("exited, not killed");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nudge did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn starts_on_free_ports_serves_and_exits_0_on_sigterm() {
+    let mut node = start(
+        &["--drain-period", "1s"],
+        &[("NUDGE_RETRY_TIMEOUT", "30s"), ("NUDGE_TTL", "3m")],
+    );
+    let http = reqwest::Client::new();
+    let res = http
+        .get(format!("http://{}/healthz", node.internal))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // The environment twins of the flags took effect.
+    let reg: Value = http
+        .post(format!("http://{}/v1/channels", node.internal))
+        .body(r#"{"topics":["t"]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reg["entries"][0]["retry_timeout"], 30);
+    assert_eq!(reg["entries"][0]["ttl"], "3");
+    let url = reg["entries"][0]["url"].as_str().unwrap().to_owned();
+    assert!(url.starts_with(&format!("http://{}/subscribe?channel=", node.public)));
+    let poll = tokio::spawn({
+        let http = http.clone();
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    });
+    // Parked: visible in the node's own gauge.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = http
+            .get(format!("http://{}/metrics", node.internal))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.lines().any(|l| l == "nudge_parked_polls 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the poll never parked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let start = Instant::now();
+    sigterm(&node.child);
+    assert_eq!(poll.await.unwrap(), r#"{"message":"reconnect"}"#);
+    assert_eq!(wait_exit(&mut node.child, Duration::from_secs(10)), 0);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "drained in {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn bad_configuration_exits_64_naming_the_flag() {
+    for (args, flag) in [
+        (vec!["--ttl", "soon"], "--ttl"),
+        (vec!["--retry-timeout", "0s"], "--retry-timeout"),
+        (
+            vec!["--max-polls-per-channel", "0"],
+            "--max-polls-per-channel",
+        ),
+        (vec!["--listen", "nowhere"], "--listen"),
+        (
+            vec!["--internal-listen", "0.0.0.0:0"],
+            "--internal-token-file",
+        ),
+        (vec!["--public-url", "example.com"], "--public-url"),
+        (vec!["--log-format", "xml"], "--log-format"),
+        (vec!["--no-such-flag"], "--no-such-flag"),
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+    }
+    let out = Command::new(BIN)
+        .env("NUDGE_MAX_RETRIES", "lots")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--max-retries"));
+}
+
+#[test]
+fn help_lists_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--internal-listen",
+        "--public-url",
+        "--ttl",
+        "--retry-timeout",
+        "--max-retries",
+        "--max-parked",
+        "--max-polls-per-channel",
+        "--drain-period",
+        "--header-read-timeout",
+        "--redis-url",
+        "--redis-channel",
+        "--internal-token-file",
+        "--cors-origin",
+        "--log-format",
+        "--tls-cert",
+        "--tls-key",
+        "NUDGE_MAX_PARKED",
+    ] {
+        assert!(help.contains(flag), "{flag}");
+    }
+}

@@ -1,0 +1,187 @@
+//! No lost wake-up (SPEC §3): a publish racing with a poll that arrives, parks, times out
+//! or disconnects must answer that poll or leave the channel's pending mark.
+//!
+//! The check is the guarantee a client sees: in rounds, a publisher publishes once and
+//! then waits until its client has received `new_change` from a poll that ended after the
+//! publish began. A round that waits longer than the deadline is a lost change.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use nudge::hub::{Answer, Hub, HubConfig, Limits, PollRequest, PollStart, Publish, Registration};
+use nudge::metrics::Metrics;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::support::TestServer;
+
+/// Sets the flag when dropped, so that pollers stop even when their publisher panics.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// When a client last received `new_change`.
+#[derive(Default)]
+struct Seen(Mutex<Option<Instant>>);
+
+impl Seen {
+    fn record(&self) {
+        *self.0.lock() = Some(Instant::now());
+    }
+    fn since(&self, t: Instant) -> bool {
+        self.0.lock().is_some_and(|seen| seen >= t)
+    }
+}
+
+async fn wait_seen(seen: &Seen, published: Instant, what: &str) {
+    let deadline = published + Duration::from_secs(2);
+    while !seen.since(published) {
+        assert!(Instant::now() < deadline, "lost change: {what}");
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// Straight on the hub, on a multi-threaded runtime: polls park, time out after ~20 ms,
+/// and are cancelled at random moments (as a disconnect does), while publishes race them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hub_no_publish_is_lost_under_racing_polls_timeouts_and_disconnects() {
+    const CHANNELS: usize = 8;
+    const ROUNDS: usize = 400;
+    let hub = Hub::new(
+        HubConfig {
+            limits: Limits {
+                ttl: Duration::from_secs(60),
+                retry_timeout: Duration::from_millis(20),
+                max_retries: u32::MAX - 1,
+            },
+            max_polls_per_channel: 4,
+            max_parked: 10_000,
+        },
+        Arc::new(Metrics::new(prometheus::Registry::new(), false)),
+    );
+    let cancelled = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..CHANNELS {
+        let topic = format!("t{c}");
+        let id = hub
+            .register(Registration {
+                topics: vec![topic.clone()],
+                ..Default::default()
+            })
+            .unwrap()
+            .id
+            .to_string();
+        let seen = Arc::new(Seen::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        // Two pollers per channel: several polls parked on one channel at once.
+        for _ in 0..2 {
+            let (hub, id, seen, stop, cancelled) = (
+                hub.clone(),
+                id.clone(),
+                seen.clone(),
+                stop.clone(),
+                cancelled.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match hub.poll(&id, PollRequest::default()) {
+                        PollStart::Answer(Answer::NewChange) => seen.record(),
+                        PollStart::Answer(_) => {}
+                        PollStart::Park(parked) => {
+                            let cancel_after = Duration::from_micros(fastrand::u64(0..30_000));
+                            tokio::select! {
+                                answer = parked.wait() => if answer == Answer::NewChange { seen.record() },
+                                _ = tokio::time::sleep(cancel_after) => { cancelled.fetch_add(1, Ordering::Relaxed); }
+                            }
+                        }
+                        PollStart::TooManyPolls | PollStart::OverCapacity | PollStart::Hold(_) => {
+                            panic!("unexpected start")
+                        }
+                    }
+                    if fastrand::bool() {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }));
+        }
+        let hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            let _stop = StopOnDrop(stop);
+            for round in 0..ROUNDS {
+                if fastrand::u8(..) < 64 {
+                    tokio::time::sleep(Duration::from_micros(fastrand::u64(0..3_000))).await;
+                }
+                let published = Instant::now();
+                hub.publish(
+                    &[Publish {
+                        topic: topic.clone(),
+                        position: None,
+                        stream_type: None,
+                    }],
+                    "api",
+                );
+                wait_seen(&seen, published, &format!("channel {c}, round {round}")).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        cancelled.load(Ordering::Relaxed) > 100,
+        "disconnects did race the publishes"
+    );
+    // Nothing left behind.
+    assert_eq!(hub.counts().parked, 0);
+}
+
+/// Over real sockets through hyper: clients poll with several polls per channel, parks
+/// time out (1 s), publishes arrive at random moments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_no_publish_is_lost_under_racing_polls_and_timeouts() {
+    const CHANNELS: usize = 6;
+    const ROUNDS: usize = 150;
+    let s = Arc::new(TestServer::with(|c| c.limits.retry_timeout = Duration::from_secs(1)).await);
+    let mut tasks = Vec::new();
+    for c in 0..CHANNELS {
+        let topic = format!("t{c}");
+        let ch = s.register_topic(&topic).await;
+        let seen = Arc::new(Seen::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        for poller in 0..2 {
+            let (s, url, seen, stop) = (s.clone(), ch.url.clone(), seen.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    // One poller sometimes asks without blocking: a third way in.
+                    let extra = if poller == 1 && fastrand::bool() {
+                        "&dont_block=true"
+                    } else {
+                        ""
+                    };
+                    if s.message(&url, extra).await == "new_change" {
+                        seen.record();
+                    }
+                }
+            }));
+        }
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let _stop = StopOnDrop(stop);
+            for round in 0..ROUNDS {
+                tokio::time::sleep(Duration::from_micros(fastrand::u64(0..5_000))).await;
+                let published = Instant::now();
+                s.publish(json!({"topic": topic})).await;
+                wait_seen(&seen, published, &format!("channel {c}, round {round}")).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

@@ -1,0 +1,205 @@
+//! `TestServer`: a nudge bound to free loopback ports in this process, with helpers that
+//! speak its HTTP API through a real client; and `eventually`, to wait on a condition.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nudge::hub::Hub;
+use nudge::{Config, Server};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub struct TestServer {
+    pub public: SocketAddr,
+    pub internal: SocketAddr,
+    pub hub: Arc<Hub>,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// A registered channel as the main API sees it.
+pub struct Channel {
+    pub id: String,
+    pub url: String,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        TestServer::with(|_| {}).await
+    }
+
+    /// Starts with the test defaults changed by `adjust`.
+    pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config::for_tests();
+        config.drain_period = Duration::from_millis(200);
+        adjust(&mut config);
+        let server = Server::bind(config).await.expect("binds to free ports");
+        let (public, internal, hub) = (
+            server.public_addr(),
+            server.internal_addr(),
+            server.hub().clone(),
+        );
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        TestServer {
+            public,
+            internal,
+            hub,
+            http,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    pub fn public_url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.public, path_and_query)
+    }
+
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.internal, path)
+    }
+
+    /// `POST /v1/channels`, expecting 201.
+    pub async fn register(&self, body: Value) -> Channel {
+        let res = self
+            .http
+            .post(self.internal_url("/v1/channels"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        let body: Value = res.json().await.unwrap();
+        Channel {
+            id: body["channel"].as_str().unwrap().to_owned(),
+            url: body["entries"][0]["url"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn register_topic(&self, topic: &str) -> Channel {
+        self.register(serde_json::json!({ "topics": [topic] }))
+            .await
+    }
+
+    /// `POST /v1/publish`, expecting 200; returns `(published, woken)`.
+    pub async fn publish(&self, body: Value) -> (u64, u64) {
+        let res = self
+            .http
+            .post(self.internal_url("/v1/publish"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body: Value = res.json().await.unwrap();
+        (
+            body["published"].as_u64().unwrap(),
+            body["woken"].as_u64().unwrap(),
+        )
+    }
+
+    /// A poll of `url` (plus `extra` query parameters); returns status and JSON body.
+    pub async fn poll(&self, url: &str, extra: &str) -> (StatusCode, Value) {
+        let res = self.http.get(format!("{url}{extra}")).send().await.unwrap();
+        let status = res.status();
+        (status, res.json().await.unwrap())
+    }
+
+    /// The `message` of a 200 poll answer.
+    pub async fn message(&self, url: &str, extra: &str) -> String {
+        let (status, body) = self.poll(url, extra).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body["message"].as_str().unwrap().to_owned()
+    }
+
+    /// Starts a poll in the background.
+    pub fn spawn_poll(&self, url: &str) -> JoinHandle<String> {
+        let (http, url) = (self.http.clone(), url.to_owned());
+        tokio::spawn(async move {
+            let res = http.get(url).send().await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            let body: Value = res.json().await.unwrap();
+            body["message"].as_str().unwrap().to_owned()
+        })
+    }
+
+    /// Waits until `n` polls are parked on the node.
+    pub async fn wait_parked(&self, n: usize) {
+        let hub = self.hub.clone();
+        eventually(&format!("{n} polls parked"), Duration::from_secs(5), || {
+            let hub = hub.clone();
+            async move { hub.counts().parked == n }
+        })
+        .await;
+    }
+
+    /// A sample of one metric from `GET /metrics`, e.g. `nudge_polls_total{outcome="gone"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self
+            .http
+            .get(self.internal_url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
+            .parse()
+            .unwrap()
+    }
+
+    /// SIGTERM's equivalent: drains and waits for `run` to return.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every 10 ms; panics with `what` at the deadline.
+pub async fn eventually<F, Fut>(what: &str, deadline: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s)
+}
