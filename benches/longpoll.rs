@@ -215,6 +215,14 @@ fn main() {
 
 async fn run(settings: &mut Settings) -> i32 {
     let started = Instant::now();
+    let load_before = procfs::load_average();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if load_before > 0.5 * cores {
+        eprintln!(
+            "bench: warning: load average {load_before:.1} on {cores} cores: something else is \
+             running, and timings will show it"
+        );
+    }
     let mut errors: Vec<String> = Vec::new();
     let mut nginx_version = None;
     if settings.servers.iter().any(|k| !k.is_nudge()) {
@@ -319,6 +327,7 @@ async fn run(settings: &mut Settings) -> i32 {
         park: &park,
         rate: &rate,
     };
+    let load_after = procfs::load_average();
     let (cores, cpu, kernel) = procfs::machine();
     let command = command_line();
     let elapsed = started.elapsed().as_secs_f64();
@@ -331,7 +340,8 @@ async fn run(settings: &mut Settings) -> i32 {
     );
     println!("command: {command}");
     println!(
-        "machine: {cores} cores, {cpu}, Linux {kernel}; {}; {} repeat(s), medians; {elapsed:.0} s",
+        "machine: {cores} cores, {cpu}, Linux {kernel}; {}; {} repeat(s), medians; {elapsed:.0} s; \
+         load average {load_before:.2} before, {load_after:.2} after",
         nginx_version.as_deref().unwrap_or("no nginx"),
         settings.repeat
     );
@@ -365,7 +375,14 @@ async fn run(settings: &mut Settings) -> i32 {
 
     let document = json!({
         "command": command,
-        "machine": { "cores": cores, "cpu": cpu, "kernel": kernel, "nginx": nginx_version },
+        "machine": {
+            "cores": cores,
+            "cpu": cpu,
+            "kernel": kernel,
+            "nginx": nginx_version,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
         "settings": {
             "quick": settings.quick,
             "n": settings.ns,

@@ -172,6 +172,14 @@ pub fn kernel_memory() -> io::Result<KernelMemory> {
     })
 }
 
+/// The 1-minute load average: other work on the machine makes every timing noisy.
+pub fn load_average() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// The machine, for the report: core count, CPU model, kernel release.
 pub fn machine() -> (usize, String, String) {
     let cores = std::thread::available_parallelism()
