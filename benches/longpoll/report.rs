@@ -12,6 +12,9 @@ pub struct Row {
     pub label: String,
     pub unit: &'static str,
     pub values: Vec<Option<f64>>,
+    /// Whether nudge / Nchan means anything here: not for values that are ~0 by design
+    /// (CPU while parked, kernel TCP buffers of idle sockets), where it only divides noise.
+    pub ratio: bool,
 }
 
 /// A section heading, or a row.
@@ -105,7 +108,24 @@ impl Results<'_> {
             label,
             unit,
             values: self.servers.iter().map(|s| value(s)).collect(),
+            ratio: true,
         })
+    }
+
+    /// A row whose ratio column stays empty.
+    fn row_no_ratio(
+        &self,
+        label: String,
+        unit: &'static str,
+        value: impl Fn(&str) -> Option<f64>,
+    ) -> Line {
+        match self.row(label, unit, value) {
+            Line::Row(row) => Line::Row(Row {
+                ratio: false,
+                ..row
+            }),
+            section => section,
+        }
     }
 
     /// The table's lines, less rows with no value at all (a measure only one server has, when
@@ -151,13 +171,13 @@ impl Results<'_> {
                 "B",
                 |s| self.park_median(s, scenario, n_max, |r| Some(r.slab_bytes_per_poll())),
             ));
-            lines.push(self.row(
+            lines.push(self.row_no_ratio(
                 format!("kernel TCP buffers per parked poll (sockstat mem), N={n_max}"),
                 "B",
                 |s| self.park_median(s, scenario, n_max, |r| Some(r.tcp_mem_bytes_per_poll())),
             ));
             lines.push(
-                self.row(format!("CPU while {n_max} parked"), "% core", |s| {
+                self.row_no_ratio(format!("CPU while {n_max} parked"), "% core", |s| {
                     self.park_median(s, scenario, n_max, |r| r.cpu_parked_percent)
                 }),
             );
@@ -297,7 +317,7 @@ impl Results<'_> {
                     .iter()
                     .zip(&slopes)
                     .map(|(&(a, b), v)| match v {
-                        Some(v) => format!("{a}→{b}: {v:.2} {unit}/poll"),
+                        Some(v) => format!("{a}→{b}: {v:.1} {unit}/poll"),
                         None => format!("{a}→{b}: —"),
                     })
                     .collect();
@@ -346,7 +366,9 @@ impl Results<'_> {
                         cells.push(number(row.values[i]));
                         if let Some(k) = nudge_col.filter(|_| server != "nudge") {
                             let ratio = match (row.values[k], row.values[i]) {
-                                (Some(a), Some(b)) if b.abs() > f64::EPSILON => Some(a / b),
+                                (Some(a), Some(b)) if row.ratio && b.abs() > f64::EPSILON => {
+                                    Some(a / b)
+                                }
                                 _ => None,
                             };
                             cells.push(ratio.map_or("—".to_owned(), |r| format!("{r:.2}")));
