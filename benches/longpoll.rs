@@ -41,9 +41,36 @@ use crate::load::Pace;
 use crate::runs::{ParkRun, RateRun, RunSettings};
 use crate::server::{Binaries, Kind, Scenario};
 
+/// How much to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// `cargo bench --bench longpoll`: every N, every server, repeated.
+    Full,
+    /// `NUDGE_BENCH_QUICK=1`: small N, one repeat, nudge and Nchan with one worker; < 1 minute.
+    Quick,
+    /// Run without `--bench`, as `cargo test --all-targets` does: a few seconds against nudge
+    /// alone, no JSON written, so that the tests catch a bench that no longer runs.
+    Test,
+}
+
+impl Mode {
+    /// The value for this mode, of the full, quick and test defaults.
+    fn pick<T>(self, full: T, quick: T, test: T) -> T {
+        match self {
+            Mode::Full => full,
+            Mode::Quick => quick,
+            Mode::Test => test,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        self.pick("full", "quick", "test")
+    }
+}
+
 /// The bench's knobs, all from `NUDGE_BENCH_*` environment variables.
 struct Settings {
-    quick: bool,
+    mode: Mode,
     ns: Vec<usize>,
     repeat: usize,
     servers: Vec<Kind>,
@@ -51,7 +78,7 @@ struct Settings {
     rates: bool,
     client_threads: usize,
     nchan_install: bool,
-    json_path: PathBuf,
+    json_path: Option<PathBuf>,
     run: RunSettings,
 }
 
@@ -80,10 +107,18 @@ fn env_list(name: &str, default: &str) -> Vec<String> {
 
 impl Settings {
     fn from_env() -> Settings {
-        let quick = env("NUDGE_BENCH_QUICK").is_some_and(|v| v != "0");
+        // cargo passes `--bench` to a bench it runs for `cargo bench`, and not under `cargo test`.
+        let benching = std::env::args().any(|arg| arg == "--bench");
+        let mode = if env("NUDGE_BENCH_QUICK").is_some_and(|v| v != "0") {
+            Mode::Quick
+        } else if benching {
+            Mode::Full
+        } else {
+            Mode::Test
+        };
         let mut ns: Vec<usize> = env_list(
             "NUDGE_BENCH_N",
-            if quick { "200,1000" } else { "1000,5000,18000" },
+            mode.pick("1000,5000,18000", "200,1000", "50,100"),
         )
         .iter()
         .map(|n| {
@@ -97,11 +132,7 @@ impl Settings {
         ns.dedup();
         let servers = env_list(
             "NUDGE_BENCH_SERVERS",
-            if quick {
-                "nudge,nchan1"
-            } else {
-                "nudge,nchan1,nchan2"
-            },
+            mode.pick("nudge,nchan1,nchan2", "nudge,nchan1", "nudge"),
         )
         .iter()
         .map(|s| match s.as_str() {
@@ -132,18 +163,20 @@ impl Settings {
         let nudge = env("NUDGE_BENCH_NUDGE_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_nudge")));
+        let json_path = env("NUDGE_BENCH_JSON").map(PathBuf::from);
         Settings {
-            quick,
+            mode,
             ns,
-            repeat: env_number("NUDGE_BENCH_REPEAT", if quick { 1 } else { 3 }).max(1),
+            repeat: env_number("NUDGE_BENCH_REPEAT", mode.pick(3, 1, 1)).max(1),
             servers,
             scenarios,
             rates: env_number("NUDGE_BENCH_RATES", 1u8) != 0,
             client_threads: env_number("NUDGE_BENCH_CLIENT_THREADS", 1usize).max(1),
             nchan_install: env_number("NUDGE_BENCH_NCHAN_INSTALL", 1u8) != 0,
-            json_path: env("NUDGE_BENCH_JSON")
-                .map(PathBuf::from)
-                .unwrap_or_else(default_json_path),
+            json_path: match mode {
+                Mode::Test => json_path,
+                Mode::Full | Mode::Quick => json_path.or_else(|| Some(default_json_path())),
+            },
             run: RunSettings {
                 binaries: Binaries { nudge, nchan: None },
                 pace: Pace {
@@ -152,17 +185,17 @@ impl Settings {
                     connect_window: env_number("NUDGE_BENCH_CONNECT_WINDOW", 256usize).max(1),
                 },
                 cpu_window: Duration::from_secs_f64(
-                    env_number("NUDGE_BENCH_CPU_WINDOW", if quick { 1.0f64 } else { 3.0 }).max(0.1),
+                    env_number("NUDGE_BENCH_CPU_WINDOW", mode.pick(3.0f64, 1.0, 0.2)).max(0.1),
                 ),
                 throughput_count: env_number(
                     "NUDGE_BENCH_PUBLISHES",
-                    if quick { 2000usize } else { 20000 },
+                    mode.pick(20000usize, 2000, 200),
                 )
                 .max(1),
                 batch_size: env_number("NUDGE_BENCH_BATCH", 100usize).max(1),
                 accept_count: env_number(
                     "NUDGE_BENCH_CONNECTIONS",
-                    if quick { 1000usize } else { 10000 },
+                    mode.pick(10000usize, 1000, 100),
                 )
                 .max(1),
             },
@@ -336,7 +369,7 @@ async fn run(settings: &mut Settings) -> i32 {
     println!();
     println!(
         "nudge vs Nchan: long-poll benchmark ({})",
-        if settings.quick { "quick" } else { "full" }
+        settings.mode.name()
     );
     println!("command: {command}");
     println!(
@@ -349,21 +382,18 @@ async fn run(settings: &mut Settings) -> i32 {
     println!("{}", results.table());
     println!();
     println!("{}", report::NOTES);
-    println!();
-    println!(
-        "targets (against {}):",
-        names
-            .iter()
-            .find(|s| s.starts_with("nchan"))
-            .map_or("Nchan", |s| s)
-    );
-    for (text, ok) in &targets {
-        let mark = match ok {
-            Some(true) => "met    ",
-            Some(false) => "NOT MET",
-            None => "n/a    ",
-        };
-        println!("  [{mark}] {text}");
+    if !targets.is_empty() {
+        let reference = names.iter().find(|s| s.starts_with("nchan"));
+        println!();
+        println!("targets (against {}):", reference.map_or("Nchan", |s| s));
+        for (text, ok) in &targets {
+            let mark = match ok {
+                Some(true) => "met    ",
+                Some(false) => "NOT MET",
+                None => "n/a    ",
+            };
+            println!("  [{mark}] {text}");
+        }
     }
     if !errors.is_empty() {
         println!();
@@ -384,7 +414,7 @@ async fn run(settings: &mut Settings) -> i32 {
             "load_average_after": load_after,
         },
         "settings": {
-            "quick": settings.quick,
+            "mode": settings.mode.name(),
             "n": settings.ns,
             "repeat": settings.repeat,
             "servers": names,
@@ -402,22 +432,16 @@ async fn run(settings: &mut Settings) -> i32 {
         "rate_runs": rate,
         "errors": errors,
     });
-    let written = settings
-        .json_path
-        .parent()
-        .map_or(Ok(()), std::fs::create_dir_all)
-        .and_then(|()| {
-            std::fs::write(
-                &settings.json_path,
-                serde_json::to_string_pretty(&document).expect("json"),
-            )
-        });
-    match written {
-        Ok(()) => println!("\nJSON: {}", settings.json_path.display()),
-        Err(error) => eprintln!(
-            "bench: cannot write {}: {error}",
-            settings.json_path.display()
-        ),
+    if let Some(path) = &settings.json_path {
+        let text = serde_json::to_string_pretty(&document).expect("json");
+        let written = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(path, text));
+        match written {
+            Ok(()) => println!("\nJSON: {}", path.display()),
+            Err(error) => eprintln!("bench: cannot write {}: {error}", path.display()),
+        }
     }
     // A nudge run that failed fails the bench (the CI smoke test relies on it); Nchan's
     // problems are reported but do not.
