@@ -65,6 +65,10 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "NUDGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve plain `GET /subscribe` polls on the buffer-less fast path (hyper serves the
+    /// rest); `false` sends everything through hyper.
+    #[arg(long, env = "NUDGE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fast_path: bool,
     /// PEM certificate chain: the public listener then speaks HTTPS.
     #[arg(long, env = "NUDGE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -98,6 +102,7 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     pub log_format: LogFormat,
     pub tls: Option<TlsFiles>,
+    pub fast_path: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -212,6 +217,7 @@ impl Config {
                 .collect(),
             log_format: a.log_format,
             tls,
+            fast_path: a.fast_path,
         })
     }
 }

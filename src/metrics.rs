@@ -23,6 +23,8 @@ pub struct Metrics {
     /// disconnected from, and must not trip a "bus down" alert.
     pub bus_connected: IntGauge,
     pub fanout_seconds: Histogram,
+    /// Requests on the public listener by who parsed them: `fast` or `hyper`.
+    pub public_requests_total: IntCounterVec,
 }
 
 /// Outcomes counted in `nudge_polls_total{outcome}` besides the four answers.
@@ -109,10 +111,24 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            public_requests_total: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "nudge_public_requests_total",
+                        "Requests on the public listener, by the path that served them (fast, hyper).",
+                    ),
+                    &["path"],
+                )
+                .unwrap(),
+            ),
             registry,
         };
         for o in ["new_change", "reconnect", "max_retries", "no_change"] {
             m.polls_total.with_label_values(&[o]);
+        }
+        for p in ["fast", "hyper"] {
+            m.public_requests_total.with_label_values(&[p]);
         }
         for s in ["api", "bus"] {
             m.publishes_total.with_label_values(&[s]);

@@ -29,13 +29,14 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+use crate::http::fast::FastPath;
 use crate::http::internal::{self, InternalState};
 use crate::http::subscribe::{self, Cors, PublicState};
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
 
 /// Largest request head (line + headers) hyper buffers; past it hyper answers 431.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// How often expired channels and old positions are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// After the drain, how long connections get to finish before we stop waiting.
@@ -153,27 +154,49 @@ impl Server {
         let internal_conns = Arc::new(Connections::default());
 
         let builder = http1_builder(config.header_read_timeout);
+        // TLS connections are decrypted by rustls, so hyper serves them all.
+        let fast = match (&tls, config.fast_path) {
+            (None, true) => Some(Arc::new(
+                FastPath::new(
+                    public_state.clone(),
+                    builder.clone(),
+                    config.header_read_timeout,
+                )
+                .await,
+            )),
+            _ => None,
+        };
         let public_task = {
             let conns = public_conns.clone();
             let builder = builder.clone();
             let metrics = hub.metrics().clone();
             let timeout = config.header_read_timeout;
             accept_loop(public, stop_public_rx, move |stream| {
-                let state = public_state.clone();
-                let guard = conns.open();
-                metrics.open_connections.inc();
-                let metrics = metrics.clone();
+                let guard = (conns.open(), OpenConnection::count(&metrics));
                 let close = close_public_rx.clone();
-                let builder = builder.clone();
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(subscribe::handle(req, &state).await) }
-                    });
-                    match tls {
-                        None => serve(&builder, TokioIo::new(stream), service, close).await,
-                        Some(tls) => {
+                // One spawn per kind of connection: a task is as large as its future's largest
+                // state, and a parked poll on the fast path must not pay for a TLS handshake.
+                match (&tls, &fast) {
+                    (None, Some(fast)) => {
+                        let fast = fast.clone();
+                        tokio::spawn(async move {
+                            fast.serve(stream, close).await;
+                            drop(guard);
+                        });
+                    }
+                    (None, None) => {
+                        let (builder, service) =
+                            (builder.clone(), subscribe::service(public_state.clone()));
+                        tokio::spawn(async move {
+                            serve(&builder, TokioIo::new(stream), service, close).await;
+                            drop(guard);
+                        });
+                    }
+                    (Some(tls), _) => {
+                        let (builder, service) =
+                            (builder.clone(), subscribe::service(public_state.clone()));
+                        let tls = tls.clone();
+                        tokio::spawn(async move {
                             match tokio::time::timeout(timeout, tls.accept(stream)).await {
                                 Ok(Ok(stream)) => {
                                     serve(&builder, TokioIo::new(stream), service, close).await
@@ -181,11 +204,10 @@ impl Server {
                                 Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
                                 Err(_) => debug!("TLS handshake timed out"),
                             }
-                        }
+                            drop(guard);
+                        });
                     }
-                    metrics.open_connections.dec();
-                    drop(guard);
-                });
+                }
             })
         };
         let readiness = internal_state.clone();
@@ -250,8 +272,12 @@ fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     builder
 }
 
-async fn serve<I, S>(builder: &http1::Builder, io: I, service: S, mut close: watch::Receiver<bool>)
-where
+pub(crate) async fn serve<I, S>(
+    builder: &http1::Builder,
+    io: I,
+    service: S,
+    mut close: watch::Receiver<bool>,
+) where
     I: Read + Write + Unpin + Send + 'static,
     S: hyper::service::Service<
             Request<Incoming>,
@@ -300,11 +326,27 @@ async fn accept_loop(
 }
 
 /// Resolves once the flag is (or was already) set, or its sender is gone.
-async fn became_true(flag: &mut watch::Receiver<bool>) {
+pub(crate) async fn became_true(flag: &mut watch::Receiver<bool>) {
     while !*flag.borrow_and_update() {
         if flag.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// Holds `nudge_open_connections` up while a public connection is open.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn count(metrics: &Metrics) -> OpenConnection {
+        metrics.open_connections.inc();
+        OpenConnection(metrics.open_connections.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -2,6 +2,7 @@
 //! route) and the internal listener (`internal.rs`). Both answer JSON only, through the
 //! helpers here, so every answer carries the same headers.
 
+pub mod fast;
 pub mod internal;
 pub mod subscribe;
 

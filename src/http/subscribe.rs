@@ -1,6 +1,7 @@
 //! The public listener's one route, `GET /subscribe` (SPEC §2), and CORS for it.
 //! The `Authorization` header clients send along is never read or logged.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -86,7 +87,33 @@ pub fn parse_query(query: Option<&str>) -> Result<SubscribeQuery, String> {
     })
 }
 
+/// The answer to a poll, as both paths write it.
+pub fn answer_response(answer: Answer) -> Response<Body> {
+    json(StatusCode::OK, answer_body(answer))
+}
+
+/// The public listener's hyper service.
+pub fn service(
+    state: Arc<PublicState>,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future: Send,
+> + Send {
+    hyper::service::service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+    })
+}
+
 pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
+    state
+        .hub
+        .metrics()
+        .public_requests_total
+        .with_label_values(&["hyper"])
+        .inc();
     let origin = req.headers().get(header::ORIGIN).cloned();
     let mut res = route(req, state).await;
     state.cors.decorate(origin.as_ref(), res.headers_mut());
@@ -129,7 +156,7 @@ async fn route(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
         PollStart::TooManyPolls => return error(&ApiError::TooManyPolls),
         PollStart::OverCapacity => return error(&ApiError::OverCapacity),
     };
-    json(StatusCode::OK, answer_body(answer))
+    answer_response(answer)
 }
 
 /// `--cors-origin`: which browser origins may long-poll.
@@ -143,7 +170,7 @@ impl Cors {
         Cors { origins }
     }
 
-    fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.origins.is_empty()
     }
 
