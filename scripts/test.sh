@@ -7,7 +7,46 @@ cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "cargo test (unit and integration tests, real sockets)"
+# What the tests start for real, from Debian's packages: redis-server (the bus tests in
+# tests/it/bus.rs start their own on free ports), promtool and the Prometheus server (the
+# metrics tests in tests/it/ops.rs check a real scrape and have Prometheus scrape a node).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || missing+=(prometheus)
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "scripts/test.sh: the tests need ${missing[*]} (Debian packages); run as root once to install them" >&2
+        exit 2
+    fi
+    step "installing ${missing[*]} (Debian packages)"
+    # Both packages start a daemon on install; a policy-rc.d that says no (honoured by
+    # invoke-rc.d and deb-systemd-invoke) keeps them from running: the tests start their own.
+    # An existing policy is left as it is.
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod 0755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    rc=0
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null || rc=$?
+    if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+    # On a booted systemd the packages also enabled their services for the next boot: here
+    # they are test tools, not services.
+    if [ -d /run/systemd/system ]; then
+        systemctl disable --quiet prometheus redis-server 2>/dev/null || true
+    fi
+    if [ "$rc" -ne 0 ]; then
+        echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
+        exit 2
+    fi
+fi
+# Tests that need an external tool fail without it here (a bare `cargo test` skips them).
+export NUDGE_REQUIRE_TOOLS=1
+
+step "cargo test (unit and integration tests, real sockets, the real binary)"
 cargo test --locked --all-targets
 
 if [ -f deploy/check.sh ]; then

@@ -23,6 +23,12 @@ pub enum ApiError {
     OverCapacity,
     #[error("the publish bus is unavailable; nothing was published")]
     BusUnavailable,
+    /// A revocation is applied where it was posted before it goes on the bus; this says the
+    /// second half failed, so the main API retries (revoking again is harmless).
+    #[error(
+        "revoked {revoked} channel(s) on this node, but the publish bus is unavailable: the other nodes were not told; retry"
+    )]
+    RevokedHereOnly { revoked: usize },
     #[error("not ready: {0}")]
     NotReady(&'static str),
 }
@@ -36,9 +42,10 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyPolls => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::OverCapacity | ApiError::BusUnavailable | ApiError::NotReady(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::OverCapacity
+            | ApiError::BusUnavailable
+            | ApiError::RevokedHereOnly { .. }
+            | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -52,7 +59,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::TooManyPolls => "too_many_polls",
             ApiError::OverCapacity => "over_capacity",
-            ApiError::BusUnavailable => "bus_unavailable",
+            ApiError::BusUnavailable | ApiError::RevokedHereOnly { .. } => "bus_unavailable",
             ApiError::NotReady(_) => "not_ready",
         }
     }

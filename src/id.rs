@@ -48,6 +48,12 @@ impl ChannelId {
     }
 }
 
+/// The log tag of a channel id as a client or the main API wrote it: its
+/// [`ChannelId::short`], or `malformed`, so that nothing a client sends as an id is logged.
+pub fn log_tag(text: &str) -> String {
+    ChannelId::parse(text).map_or_else(|| "malformed".to_owned(), |id| id.short())
+}
+
 impl fmt::Display for ChannelId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut buf = [0u8; ID_TEXT_LEN];
@@ -120,6 +126,18 @@ mod tests {
         // The last character carries 2 spare bits: a non-canonical spelling is refused.
         assert_eq!(ChannelId::parse("AAAAAAAAAAAAAAAAAAAAAB"), None);
         assert!(ChannelId::parse("AAAAAAAAAAAAAAAAAAAAAA").is_some());
+    }
+
+    #[test]
+    fn log_tags_are_short_stable_and_never_the_id() {
+        let id = ChannelId::random();
+        let text = id.to_string();
+        assert_eq!(log_tag(&text), id.short());
+        assert_eq!(log_tag(&text).len(), 8);
+        assert_eq!(log_tag(&text), log_tag(&text));
+        assert_eq!(log_tag("not-an-id"), "malformed");
+        // Well-formed (22 base64url characters) but never issued: hashed all the same.
+        assert_eq!(log_tag("a-secret-looking-thing").len(), 8);
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! - [`server`]: the two listeners, hyper `http1` connections, TLS, and the drain.
 //! - [`http::subscribe`]: the public route; [`http::internal`]: the main API's routes.
 //! - [`hub`]: channels, topics, parked polls, expiry: all the state, none of the I/O.
+//! - [`bus`]: the Redis pub/sub bus that carries publishes and revocations between nodes.
 //! - [`metrics`]: Prometheus metrics in a registry that is passed in, not global.
 //! - [`error`]: every error answer, one mapping to status and stable `code`.
 //! - [`id`]: channel ids, 128 random bits that are never logged whole.
 //! - [`logging`], [`signal`]: the process around it.
 
+pub mod bus;
 pub mod config;
 pub mod error;
 pub mod http;

@@ -32,6 +32,9 @@ fn main() -> ExitCode {
 
     let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
     runtime.block_on(async {
+        // Signal handlers before the listeners: a SIGTERM sent as soon as the `listening`
+        // lines appear must drain and exit 0, not kill the process.
+        let shutdown = nudge::signal::shutdown();
         let server = match Server::bind(config).await {
             Ok(server) => server,
             Err(StartError::Config(message)) => {
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match server.run(nudge::signal::shutdown()).await {
+        match server.run(shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server failed");

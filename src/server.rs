@@ -1,12 +1,14 @@
 //! Listeners, connections and the drain. `Server::bind` binds both listeners (port 0 picks
 //! a free port) and logs each bound address on its own line; `Server::run` serves until the
 //! shutdown future resolves, then drains (SPEC §6):
-//! `/readyz` turns 503 → the public listener stops accepting → every parked poll is
-//! answered `reconnect`, spread over the drain period → connections are closed → return.
+//! `/readyz` turns 503 → the public listener stops accepting → every public connection is
+//! told to close (idle keep-alive ones close at once, the others after their answer, with
+//! `Connection: close`) → every parked poll is answered `reconnect`, spread over the drain
+//! period → the last connections close → return.
 //!
 //! hyper's graceful shutdown only waits for the request in flight, and a parked poll *is*
-//! a request in flight: that is why the hub answers every parked poll before connections
-//! are told to close.
+//! a request in flight: that is why the hub answers every parked poll, and only then do we
+//! wait for the connections to be gone.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,6 +30,7 @@ use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
+use crate::bus::Bus;
 use crate::config::Config;
 use crate::http::fast::FastPath;
 use crate::http::internal::{self, InternalState};
@@ -60,6 +63,7 @@ pub struct Server {
     internal: TcpListener,
     tls: Option<TlsAcceptor>,
     hub: Arc<Hub>,
+    bus: Option<Arc<Bus>>,
     public_state: Arc<PublicState>,
     internal_state: Arc<InternalState>,
 }
@@ -84,7 +88,15 @@ impl Server {
             .expect("a bound listener has an address");
 
         let metrics = Arc::new(Metrics::new(Registry::new(), config.redis_url.is_some()));
-        let max_parked = config.max_parked.unwrap_or_else(default_max_parked);
+        let fd_allows = default_max_parked();
+        let max_parked = config.max_parked.unwrap_or(fd_allows);
+        if max_parked > fd_allows {
+            warn!(
+                max_parked,
+                open_files_allow = fd_allows,
+                "--max-parked is above what the open-files limit allows: accepts will fail first"
+            );
+        }
         let hub = Hub::new(
             HubConfig {
                 limits: config.limits,
@@ -93,6 +105,12 @@ impl Server {
             },
             metrics,
         );
+        let bus = config
+            .redis_url
+            .as_deref()
+            .map(|url| Bus::new(url, &config.redis_channel, hub.clone()))
+            .transpose()
+            .map_err(StartError::Config)?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         let public_url = config
             .public_url
@@ -107,16 +125,18 @@ impl Server {
             public_url: public_url.clone(),
             token: config.internal_token.clone(),
             ready: Default::default(),
+            bus: bus.clone(),
         });
         info!(public = %public_addr, "listening");
         info!(internal = %internal_addr, "listening");
-        info!(%public_url, max_parked, tls = tls.is_some(), "configured");
+        info!(%public_url, max_parked, tls = tls.is_some(), bus = bus.is_some(), "configured");
         Ok(Server {
             config,
             public,
             internal,
             tls,
             hub,
+            bus,
             public_state,
             internal_state,
         })
@@ -134,6 +154,11 @@ impl Server {
         &self.hub
     }
 
+    /// The publish bus, when `--redis-url` is set.
+    pub fn bus(&self) -> Option<&Arc<Bus>> {
+        self.bus.as_ref()
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let Server {
@@ -142,10 +167,13 @@ impl Server {
             internal,
             tls,
             hub,
+            bus,
             public_state,
             internal_state,
         } = self;
         let sweeper = tokio::spawn(hub.clone().sweeper(SWEEP_EVERY));
+        // With a bus, `/readyz` stays 503 until its first subscription is up.
+        let bus_task = bus.map(|bus| tokio::spawn(bus.run()));
 
         let (stop_public, stop_public_rx) = watch::channel(false);
         let (close_public, close_public_rx) = watch::channel(false);
@@ -241,9 +269,16 @@ impl Server {
         hub.begin_drain();
         let _ = stop_public.send(true);
         let _ = public_task.await;
-        let answered = hub.drain(config.drain_period).await;
-        info!(answered, "parked polls answered; closing connections");
+        // Close keep-alive connections now, not after the spread: an idle one would
+        // otherwise bring a poll that is answered `reconnect` at once, and its client would
+        // come straight back on the same connection, round and round, instead of going to
+        // another node. Connections with a parked poll stay until their answer.
         let _ = close_public.send(true);
+        let answered = hub.drain(config.drain_period).await;
+        info!(
+            answered,
+            "parked polls answered; waiting for connections to close"
+        );
         if tokio::time::timeout(CLOSE_GRACE, public_conns.all_closed())
             .await
             .is_err()
@@ -257,6 +292,9 @@ impl Server {
         let _ = internal_task.await;
         let _ = tokio::time::timeout(CLOSE_GRACE, internal_conns.all_closed()).await;
         sweeper.abort();
+        if let Some(task) = bus_task {
+            task.abort();
+        }
         info!("drained");
         Ok(())
     }
@@ -268,6 +306,10 @@ fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
+        // max_buf_size alone is no limit on the head: hyper checks it only between reads,
+        // and a big head that arrives in a few large reads gets parsed whole. This is the
+        // exact check (431, then close).
+        .max_header_size(MAX_HEAD_BYTES)
         .max_buf_size(MAX_HEAD_BYTES);
     builder
 }

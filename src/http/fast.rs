@@ -299,6 +299,9 @@ impl FastPath {
             stream_position: query.stream_position,
             dont_block: query.dont_block,
         };
+        // Logged when the poll starts: keeping the channel's tag until the answer would cost
+        // every parked poll its room. The id is a credential: its short hash only.
+        tracing::debug!(channel = %crate::id::log_tag(&query.channel), "poll (fast path)");
         let start = self.state.hub.poll(&query.channel, request);
         drop(query);
         let answer = match start {
@@ -332,7 +335,11 @@ impl FastPath {
                     }
                 };
                 Ok(match classify(buf, self.cors_enabled) {
-                    Classified::Fast { len, request } if len == buf.len() => {
+                    // A complete head over the limit is hyper's too (431), like a partial
+                    // one: the last read can complete a head that is already too big.
+                    Classified::Fast { len, request }
+                        if len == buf.len() && len <= crate::server::MAX_HEAD_BYTES =>
+                    {
                         Some(NextHead::Fast(request))
                     }
                     // Pipelined bytes after the head, or not ours: hyper takes it all.

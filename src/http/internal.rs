@@ -12,11 +12,14 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
+use tracing::debug;
 
 use super::{Body, error, json, json_value};
-use crate::config::parse_duration;
+use crate::bus::{Bus, BusError};
+use crate::config::{Token, parse_duration};
 use crate::error::ApiError;
-use crate::hub::{Hub, Publish, PublishReport, Registration, RevokeFilter};
+use crate::hub::{Hub, Publish, Registration, RevokeFilter};
+use crate::id::log_tag;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -25,15 +28,47 @@ pub struct InternalState {
     pub hub: Arc<Hub>,
     /// Base of channel URLs, without a trailing `/`.
     pub public_url: String,
-    pub token: Option<String>,
+    pub token: Option<Token>,
     /// False until the listeners are up, and again from the start of the drain.
     pub ready: AtomicBool,
+    /// The publish bus, when `--redis-url` is set.
+    pub bus: Option<Arc<Bus>>,
 }
 
 impl InternalState {
-    /// Applies publishes on this node.
-    async fn publish(&self, batch: Vec<Publish>) -> Result<PublishReport, ApiError> {
-        Ok(self.hub.publish(&batch, "api"))
+    /// Without a bus, applies publishes on this node: `{"published":N,"woken":M}`. With
+    /// one, puts them on the bus and answers once Redis has taken them; every node, this
+    /// one included, applies them when the bus hands them back, so nothing is woken yet:
+    /// `{"published":N,"woken":0,"subscribers":S}`, `S` being how many subscribers Redis
+    /// handed the message to (the nodes, plus any other subscriber of the channel).
+    async fn publish(&self, batch: Vec<Publish>) -> Result<serde_json::Value, ApiError> {
+        let Some(bus) = &self.bus else {
+            let report = self.hub.publish(&batch, "api");
+            return Ok(json!({ "published": report.published, "woken": report.woken }));
+        };
+        match bus.publish(&batch).await {
+            Ok(subscribers) => Ok(json!({
+                "published": batch.len(),
+                "woken": 0,
+                "subscribers": subscribers,
+            })),
+            Err(e) => {
+                log_bus_error(&e, "publish refused");
+                Err(ApiError::BusUnavailable)
+            }
+        }
+    }
+
+    /// Revokes on this node at once, then tells the other nodes through the bus.
+    async fn revoke(&self, filter: &RevokeFilter) -> Result<usize, ApiError> {
+        let revoked = self.hub.revoke(filter);
+        if let Some(bus) = &self.bus
+            && let Err(e) = bus.revoke(filter).await
+        {
+            log_bus_error(&e, "revocation applied on this node only");
+            return Err(ApiError::RevokedHereOnly { revoked });
+        }
+        Ok(revoked)
     }
 
     fn readiness(&self) -> Result<(), ApiError> {
@@ -43,7 +78,19 @@ impl InternalState {
         if !self.ready.load(Ordering::Acquire) {
             return Err(ApiError::NotReady("starting"));
         }
+        if self.bus.as_ref().is_some_and(|bus| !bus.is_connected()) {
+            return Err(ApiError::NotReady("the publish bus is not connected"));
+        }
         Ok(())
+    }
+}
+
+/// A bus that is known to be down is expected (and already logged by the subscriber);
+/// a Redis that failed a command is worth a warning.
+fn log_bus_error(e: &BusError, what: &str) {
+    match e {
+        BusError::NotConnected => tracing::debug!(error = %e, "{what}"),
+        _ => tracing::warn!(error = %e, "{what}"),
     }
 }
 
@@ -96,14 +143,17 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
             let body = read_body(req).await?;
             let batch =
                 parse_publish_body(content_type.as_deref(), &body).map_err(ApiError::BadRequest)?;
-            let report = state.publish(batch).await?;
-            Ok(json_value(StatusCode::OK, &report))
+            let answer = state.publish(batch).await?;
+            debug!(%answer, "published");
+            Ok(json_value(StatusCode::OK, &answer))
         }
         "/v1/revoke" => {
             only(&method, Method::POST)?;
             let body: RevokeBody = parse_json(&read_body(req).await?)?;
             let filter = body.into_filter()?;
-            let revoked = state.hub.revoke(&filter);
+            let revoked = state.revoke(&filter).await?;
+            // Subjects and topics name users and objects: counted, not logged.
+            debug!(revoked, "revoked");
             Ok(json_value(StatusCode::OK, &json!({ "revoked": revoked })))
         }
         p if p.starts_with("/v1/channels/") => {
@@ -115,7 +165,9 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
                     .map(|info| json_value(StatusCode::OK, &info))
                     .ok_or(ApiError::ChannelNotFound),
                 Method::DELETE => {
-                    if state.hub.delete(id) {
+                    let deleted = state.hub.delete(id);
+                    debug!(channel = %log_tag(id), deleted, "delete");
+                    if deleted {
                         let mut res = json(StatusCode::NO_CONTENT, Bytes::new());
                         res.headers_mut().remove(header::CONTENT_TYPE);
                         Ok(res)
@@ -142,7 +194,8 @@ fn only(method: &Method, allowed: Method) -> Result<(), ApiError> {
     }
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time when a token is set.
+/// Checks `Authorization: Bearer <token>` in constant time when a token is set. The scheme
+/// name is case-insensitive (RFC 9110 §11.1); the token is not.
 fn authorize(req: &Request<Incoming>, state: &InternalState) -> Result<(), ApiError> {
     let Some(token) = &state.token else {
         return Ok(());
@@ -150,7 +203,11 @@ fn authorize(req: &Request<Incoming>, state: &InternalState) -> Result<(), ApiEr
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(HeaderValue::as_bytes)
+        .and_then(|v| match v.split_at_checked(7) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => Some(rest),
+            _ => None,
+        })
         .unwrap_or(b"");
     if constant_time_eq(given, token.as_bytes()) {
         Ok(())
@@ -298,6 +355,7 @@ fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>,
             ApiError::BadRequest("max_retries must be a non-negative integer".into())
         })?),
     };
+    let topic_count = body.topics.len();
     let registration = Registration {
         topics: body.topics,
         subject: body.subject,
@@ -313,6 +371,8 @@ fn register(state: &InternalState, body: RegisterBody) -> Result<Response<Body>,
         .hub
         .register(registration)
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    // A channel id is a credential: logs carry its short hash only.
+    debug!(channel = %reg.id.short(), topics = topic_count, "channel registered");
     let stream_type = reg.stream_type.as_deref().unwrap_or("all");
     let url = format!(
         "{}/subscribe?channel={}&stream_type={}",

@@ -44,7 +44,7 @@ pub fn error(err: &ApiError) -> Response<Body> {
         ApiError::MethodNotAllowed { allow } => {
             h.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        ApiError::OverCapacity | ApiError::BusUnavailable => {
+        ApiError::OverCapacity | ApiError::BusUnavailable | ApiError::RevokedHereOnly { .. } => {
             h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
         }
         ApiError::Unauthorized => {

@@ -8,10 +8,12 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use tracing::debug;
 
 use super::{Body, error, json};
 use crate::error::ApiError;
 use crate::hub::{Answer, Hub, PollRequest, PollStart};
+use crate::id::log_tag;
 use crate::metrics::outcome;
 
 /// Longest query string accepted (`400 bad_request` past it).
@@ -117,6 +119,13 @@ pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Bod
     let origin = req.headers().get(header::ORIGIN).cloned();
     let mut res = route(req, state).await;
     state.cors.decorate(origin.as_ref(), res.headers_mut());
+    if state.hub.is_draining() {
+        // The server also asks hyper to close every connection when the drain starts, but
+        // an answer can be written before its connection sees that; this header makes
+        // hyper close after *this* answer, so the client reconnects elsewhere.
+        res.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     res
 }
 
@@ -156,6 +165,8 @@ async fn route(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
         PollStart::TooManyPolls => return error(&ApiError::TooManyPolls),
         PollStart::OverCapacity => return error(&ApiError::OverCapacity),
     };
+    // The id is the credential: its short hash only (evaluated only when debug is on).
+    debug!(channel = %log_tag(&query.channel), answer = answer.as_str(), "poll answered");
     answer_response(answer)
 }
 
@@ -189,6 +200,12 @@ impl Cors {
         headers.insert(header::VARY, HeaderValue::from_static("Origin"));
         if let Some(origin) = origin.filter(|o| self.allows(o)) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+            // Not a CORS-safelisted response header: without this a page cannot read
+            // how long to wait after `503 over_capacity`.
+            headers.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("Retry-After"),
+            );
         }
     }
 

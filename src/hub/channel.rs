@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::Answer;
+use super::Delivery;
 
 /// The limits a channel enforces: the node's defaults, lowered per channel on registration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub struct Limits {
 /// waiter is its own; `tx` delivers the answer.
 pub(crate) struct Waiter {
     pub key: u64,
-    pub tx: oneshot::Sender<Answer>,
+    pub tx: oneshot::Sender<Delivery>,
 }
 
 /// Whether a change is waiting for the next poll, and what positions set it, so that a poll

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
+use prometheus::Histogram;
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep_until};
@@ -63,6 +64,43 @@ impl Answer {
             Answer::Reconnect => "reconnect",
             Answer::MaxRetries => "max_retries",
             Answer::NoChange => "no_change",
+        }
+    }
+}
+
+/// What a parked poll receives: its answer and, for a `new_change`, the clock of the publish
+/// that woke it.
+pub(crate) struct Delivery {
+    answer: Answer,
+    fanout: Option<Arc<FanoutClock>>,
+}
+
+impl From<Answer> for Delivery {
+    fn from(answer: Answer) -> Delivery {
+        Delivery {
+            answer,
+            fanout: None,
+        }
+    }
+}
+
+/// Times one publish's fan-out for `nudge_fanout_seconds` (SPEC §6: "from a publish's arrival
+/// to its last answered poll"). Every poll the publish wakes holds a clone; the last clone
+/// to go observes the histogram. A poll lets go of it when its task has the answer in hand
+/// and returns it to be written, so the time includes the wake-ups and the scheduling of
+/// every woken poll, not only the loop that sends to them (which is far shorter).
+struct FanoutClock {
+    arrived: Instant,
+    histogram: Histogram,
+    /// Set when a poll took its answer: a publish whose woken clients had all gone
+    /// answered nobody, and observes nothing.
+    answered: AtomicBool,
+}
+
+impl Drop for FanoutClock {
+    fn drop(&mut self) {
+        if self.answered.load(Ordering::Relaxed) {
+            self.histogram.observe(self.arrived.elapsed().as_secs_f64());
         }
     }
 }
@@ -436,7 +474,7 @@ impl Hub {
     }
 
     /// A parked poll was dropped unanswered (its client went away).
-    fn abandon_poll(&self, id: ChannelId, key: u64, rx: &mut oneshot::Receiver<Answer>) {
+    fn abandon_poll(&self, id: ChannelId, key: u64, rx: &mut oneshot::Receiver<Delivery>) {
         let mut shard = self.shard(id).lock();
         if let Some(ch) = shard.get_mut(&id)
             && ch.take_waiter(key).is_some()
@@ -449,7 +487,10 @@ impl Hub {
         // Someone took the waiter. Close the receiver so a later send fails (and its sender
         // restores the mark); an answer that already arrived was never delivered.
         rx.close();
-        if let Ok(Answer::NewChange) = rx.try_recv()
+        if let Ok(Delivery {
+            answer: Answer::NewChange,
+            ..
+        }) = rx.try_recv()
             && let Some(ch) = shard.get_mut(&id)
         {
             ch.pending.mark(None);
@@ -464,9 +505,18 @@ impl Hub {
     pub fn publish(&self, batch: &[Publish], source: &str) -> PublishReport {
         let arrived = Instant::now();
         let mut ids = Vec::new();
-        let mut wake: Vec<(ChannelId, Option<u64>, oneshot::Sender<Answer>)> = Vec::new();
+        // (channel, the publish's position, the waiter's sender, the publish's clock)
+        type Wake = (
+            ChannelId,
+            Option<u64>,
+            oneshot::Sender<Delivery>,
+            Arc<FanoutClock>,
+        );
+        let mut wake: Vec<Wake> = Vec::new();
         for p in batch {
             ids.clear();
+            // One clock per publish, made when it first wakes a poll.
+            let mut clock: Option<Arc<FanoutClock>> = None;
             self.topics.publish(&p.topic, p.position, arrived, &mut ids);
             for &id in &ids {
                 let mut shard = self.shard(id).lock();
@@ -480,7 +530,18 @@ impl Hub {
                     ch.pending.mark(p.position);
                 } else {
                     let n = ch.waiters.len() as i64;
-                    wake.extend(ch.waiters.drain(..).map(|w| (id, p.position, w.tx)));
+                    let clock = clock.get_or_insert_with(|| {
+                        Arc::new(FanoutClock {
+                            arrived,
+                            histogram: self.metrics.fanout_seconds.clone(),
+                            answered: AtomicBool::new(false),
+                        })
+                    });
+                    wake.extend(
+                        ch.waiters
+                            .drain(..)
+                            .map(|w| (id, p.position, w.tx, clock.clone())),
+                    );
                     ch.touch_if_idle(arrived);
                     self.metrics.parked_polls.sub(n);
                 }
@@ -489,8 +550,12 @@ impl Hub {
         self.metrics.topics.set(self.topics.len() as i64);
         // No lock held from here on.
         let mut woken = 0;
-        for (id, position, tx) in wake {
-            if tx.send(Answer::NewChange).is_ok() {
+        for (id, position, tx, clock) in wake {
+            let delivery = Delivery {
+                answer: Answer::NewChange,
+                fanout: Some(clock),
+            };
+            if tx.send(delivery).is_ok() {
                 woken += 1;
             } else if let Some(ch) = self.shard(id).lock().get_mut(&id) {
                 // The client left between parking and now: keep the change for its next poll.
@@ -502,11 +567,7 @@ impl Hub {
             .with_label_values(&[source])
             .inc_by(batch.len() as u64);
         self.metrics.wakeups_total.inc_by(woken as u64);
-        if woken > 0 {
-            self.metrics
-                .fanout_seconds
-                .observe(arrived.elapsed().as_secs_f64());
-        }
+        // nudge_fanout_seconds is observed by the last woken poll (see FanoutClock).
         PublishReport {
             published: batch.len(),
             woken,
@@ -596,7 +657,7 @@ impl Hub {
                 .lock()
                 .remember(&id.to_string(), Instant::now());
             for w in ch.waiters.drain(..) {
-                let _ = w.tx.send(Answer::MaxRetries);
+                let _ = w.tx.send(Answer::MaxRetries.into());
             }
         }
         self.forget(id, &ch);
@@ -671,7 +732,7 @@ impl Hub {
 }
 
 /// Answers `senders` with `answer`, the i-th at `i / n` of `spread` from now.
-async fn answer_spread(senders: Vec<oneshot::Sender<Answer>>, answer: Answer, spread: Duration) {
+async fn answer_spread(senders: Vec<oneshot::Sender<Delivery>>, answer: Answer, spread: Duration) {
     let n = senders.len();
     let start = Instant::now();
     for (i, tx) in senders.into_iter().enumerate() {
@@ -680,7 +741,7 @@ async fn answer_spread(senders: Vec<oneshot::Sender<Answer>>, answer: Answer, sp
         if at > Instant::now() + Duration::from_millis(2) {
             sleep_until(at).await;
         }
-        let _ = tx.send(answer);
+        let _ = tx.send(answer.into());
     }
 }
 
@@ -703,7 +764,7 @@ pub struct ParkedPoll {
     id: ChannelId,
     key: u64,
     deadline: Instant,
-    rx: oneshot::Receiver<Answer>,
+    rx: oneshot::Receiver<Delivery>,
     settled: bool,
 }
 
@@ -714,19 +775,24 @@ impl ParkedPoll {
 
     /// Waits for the answer: a publish, a revoke, the drain, or the park time running out.
     pub async fn wait(mut self) -> Answer {
-        let answer = tokio::select! {
+        let gone = || Delivery::from(Answer::Reconnect);
+        let delivery = tokio::select! {
             biased;
-            sent = &mut self.rx => sent.unwrap_or(Answer::Reconnect),
+            sent = &mut self.rx => sent.unwrap_or_else(|_| gone()),
             _ = sleep_until(self.deadline) => match self.hub.expire_poll(self.id, self.key) {
-                Some(answer) => answer,
+                Some(answer) => answer.into(),
                 // Taken by someone else between the deadline and the lock: their answer is
                 // being sent right now (no lock is held while sending).
-                None => (&mut self.rx).await.unwrap_or(Answer::Reconnect),
+                None => (&mut self.rx).await.unwrap_or_else(|_| gone()),
             },
         };
         self.settled = true;
-        self.hub.metrics.count_answer(answer);
-        answer
+        self.hub.metrics.count_answer(delivery.answer);
+        if let Some(clock) = &delivery.fanout {
+            clock.answered.store(true, Ordering::Relaxed);
+        }
+        // Dropping `delivery` here releases this poll's hold on the publish's fan-out clock.
+        delivery.answer
     }
 }
 

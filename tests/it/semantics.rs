@@ -277,17 +277,11 @@ async fn revoke_and_delete_answer_parked_polls_max_retries() {
     s.wait_parked(4).await;
 
     // Both filters: only bob's channel on box:1.
-    let res: serde_json::Value = s
-        .http
-        .post(s.internal_url("/v1/revoke"))
-        .json(&json!({"subject": "user:bob", "topic": "box:1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(res, json!({"revoked": 1}));
+    assert_eq!(
+        s.revoke(json!({"subject": "user:bob", "topic": "box:1"}))
+            .await,
+        1
+    );
     let mut polls = polls.into_iter();
     let (pa, pb, pb2, pc) = (
         polls.next().unwrap(),
@@ -297,30 +291,10 @@ async fn revoke_and_delete_answer_parked_polls_max_retries() {
     );
     assert_eq!(pb.await.unwrap(), "max_retries");
     // By subject: bob's other channel.
-    let res: serde_json::Value = s
-        .http
-        .post(s.internal_url("/v1/revoke"))
-        .json(&json!({"subject": "user:bob"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(res, json!({"revoked": 1}));
+    assert_eq!(s.revoke(json!({"subject": "user:bob"})).await, 1);
     assert_eq!(pb2.await.unwrap(), "max_retries");
     // By topic.
-    let res: serde_json::Value = s
-        .http
-        .post(s.internal_url("/v1/revoke"))
-        .json(&json!({"topic": "box:1"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(res, json!({"revoked": 1}));
+    assert_eq!(s.revoke(json!({"topic": "box:1"})).await, 1);
     assert_eq!(pa.await.unwrap(), "max_retries");
     // Delete.
     let res = s
@@ -356,4 +330,78 @@ async fn the_drain_answers_every_parked_poll_reconnect() {
         assert_eq!(p.await.unwrap(), "reconnect");
     }
     assert_eq!(hub.counts().parked, 0);
+}
+
+/// During a drain every answer closes its connection, so a client that re-polls at once
+/// (as Box's Python SDKs do on `reconnect`) reaches another node instead of looping here.
+#[tokio::test]
+async fn the_drain_closes_kept_alive_connections_after_their_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for fast_path in [true, false] {
+        let s = TestServer::with(|c| {
+            c.fast_path = fast_path;
+            c.drain_period = secs(3.0);
+        })
+        .await;
+        let ch = s.register_topic("t").await;
+        let path = format!("/subscribe?channel={}", ch.id);
+        // One connection that already had an answer and sits idle, one with a poll parked.
+        let mut idle = tokio::net::TcpStream::connect(s.public).await.unwrap();
+        idle.write_all(
+            format!("GET {path}&dont_block=true HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut parked = tokio::net::TcpStream::connect(s.public).await.unwrap();
+        parked
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        s.wait_parked(1).await;
+        // Ten more, so that the drain really takes most of its 3 s.
+        let mut others = Vec::new();
+        for i in 0..10 {
+            let other = s.register_topic(&format!("o{i}")).await;
+            others.push(s.spawn_poll(&other.url));
+        }
+        s.wait_parked(11).await;
+        let mut first = [0u8; 1024];
+        let n = idle.read(&mut first).await.unwrap();
+        assert!(String::from_utf8_lossy(&first[..n]).ends_with(r#"{"message":"no_change"}"#));
+
+        let started = Instant::now();
+        let stopping = tokio::spawn(s.stop());
+        let read_all = |mut conn: tokio::net::TcpStream| async move {
+            let mut all = Vec::new();
+            tokio::time::timeout(secs(5.0), conn.read_to_end(&mut all))
+                .await
+                .expect("closed")
+                .unwrap();
+            String::from_utf8(all).unwrap()
+        };
+        assert_eq!(
+            read_all(idle).await,
+            "",
+            "fast_path={fast_path}: the idle connection is closed"
+        );
+        // Closed at the start of the 3 s drain, not at its end.
+        assert!(
+            started.elapsed() < secs(1.5),
+            "fast_path={fast_path}: the idle connection closed after {:?}",
+            started.elapsed()
+        );
+        let answer = read_all(parked).await;
+        assert!(
+            answer.contains("connection: close\r\n"),
+            "fast_path={fast_path}: {answer}"
+        );
+        assert!(
+            answer.ends_with(r#"{"message":"reconnect"}"#),
+            "fast_path={fast_path}: {answer}"
+        );
+        stopping.await.unwrap();
+        for other in others {
+            assert_eq!(other.await.unwrap(), "reconnect");
+        }
+    }
 }

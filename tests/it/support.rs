@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nudge::bus::Bus;
 use nudge::hub::Hub;
 use nudge::{Config, Server};
 use reqwest::StatusCode;
@@ -18,6 +19,8 @@ pub struct TestServer {
     pub public: SocketAddr,
     pub internal: SocketAddr,
     pub hub: Arc<Hub>,
+    /// The node's bus, when started with a Redis URL.
+    pub bus: Option<Arc<Bus>>,
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<std::io::Result<()>>>,
@@ -34,16 +37,23 @@ impl TestServer {
         TestServer::with(|_| {}).await
     }
 
+    /// Starts a node on the bus at `redis_url` (not waiting for it to be ready: see
+    /// [`TestServer::wait_ready`]).
+    pub async fn with_redis(redis_url: &str) -> TestServer {
+        TestServer::with(|c| c.redis_url = Some(redis_url.to_owned())).await
+    }
+
     /// Starts with the test defaults changed by `adjust`.
     pub async fn with(adjust: impl FnOnce(&mut Config)) -> TestServer {
         let mut config = Config::for_tests();
         config.drain_period = Duration::from_millis(200);
         adjust(&mut config);
         let server = Server::bind(config).await.expect("binds to free ports");
-        let (public, internal, hub) = (
+        let (public, internal, hub, bus) = (
             server.public_addr(),
             server.internal_addr(),
             server.hub().clone(),
+            server.bus().cloned(),
         );
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
@@ -57,6 +67,7 @@ impl TestServer {
             public,
             internal,
             hub,
+            bus,
             http,
             shutdown: Some(tx),
             task: Some(task),
@@ -108,6 +119,20 @@ impl TestServer {
             body["published"].as_u64().unwrap(),
             body["woken"].as_u64().unwrap(),
         )
+    }
+
+    /// `POST /v1/revoke`, expecting 200; returns how many channels were revoked.
+    pub async fn revoke(&self, body: Value) -> u64 {
+        let res = self
+            .http
+            .post(self.internal_url("/v1/revoke"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body: Value = res.json().await.unwrap();
+        body["revoked"].as_u64().unwrap()
     }
 
     /// A poll of `url` (plus `extra` query parameters); returns status and JSON body.
@@ -164,6 +189,27 @@ impl TestServer {
             .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
             .parse()
             .unwrap()
+    }
+
+    /// `GET /readyz`: its status and `code` (`None` when ready).
+    pub async fn readyz(&self) -> (StatusCode, Option<String>) {
+        let res = self
+            .http
+            .get(self.internal_url("/readyz"))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        let body: Value = res.json().await.unwrap();
+        (status, body["code"].as_str().map(str::to_owned))
+    }
+
+    /// Waits until `/readyz` answers 200 (with a bus: until its subscription is up).
+    pub async fn wait_ready(&self) {
+        eventually("/readyz answers 200", Duration::from_secs(10), || async {
+            self.readyz().await.0 == StatusCode::OK
+        })
+        .await;
     }
 
     /// SIGTERM's equivalent: drains and waits for `run` to return.

@@ -1,0 +1,680 @@
+//! Operations on the real `nudge` binary (SPEC §6, issue 4): the drain on SIGTERM and SIGINT
+//! (answers spread over `--drain-period`, `/readyz` 503, no new connections, keep-alive
+//! connections closed, exit 0), `--max-parked` derived from the open-files limit, slow
+//! senders cut by `--header-read-timeout`, JSON logs, and logs that never carry a secret.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::raw;
+use crate::support::{eventually, secs};
+use crate::tools::TempDir;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nudge");
+
+/// A running `nudge` binary on free loopback ports, with every log line it wrote.
+struct Nudge {
+    child: Child,
+    public: SocketAddr,
+    internal: SocketAddr,
+    logs: Arc<Mutex<Vec<String>>>,
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl Nudge {
+    /// `nudge --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 ARGS`, `RUST_LOG=info`
+    /// unless `env` says otherwise.
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Nudge {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        Nudge::spawn(cmd, env)
+    }
+
+    /// Starts the binary through `bash -c SCRIPT`, where the script ends in
+    /// `exec "$0" "$@"` (e.g. to set resource limits first).
+    fn start_via_shell(script: &str, args: &[&str]) -> Nudge {
+        let mut cmd = Command::new("bash");
+        cmd.args(["-c", script, BIN]).args(args);
+        Nudge::spawn(cmd, &[])
+    }
+
+    fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Nudge {
+        cmd.args([
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+        ])
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        {
+            // Reads every line until nudge exits, so it never blocks on a full pipe.
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in stderr.lines().map_while(Result::ok) {
+                    logs.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
+                }
+            });
+        }
+        let (mut public, mut internal) = (None, None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while public.is_none() || internal.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "nudge did not log its addresses: {:?}",
+                    logs.lock().unwrap()
+                )
+            });
+            public = public.or_else(|| bound_address(&line, "public"));
+            internal = internal.or_else(|| bound_address(&line, "internal"));
+        }
+        Nudge {
+            child,
+            public: public.unwrap(),
+            internal: internal.unwrap(),
+            logs,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            token: None,
+        }
+    }
+
+    fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `needle`.
+    fn wait_log(&self, needle: &str, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        while !self.logs().iter().any(|l| l.contains(needle)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no log line with {needle:?}: {:?}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit; returns the exit code.
+    fn wait_exit(&mut self, within: Duration) -> i32 {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().expect("exited, not killed by a signal");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nudge did not exit within {within:?}; logs: {:?}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn internal_req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self
+            .http
+            .request(method, format!("http://{}{path}", self.internal));
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// Registers a channel on `topic`; returns its id and the path of its URL.
+    async fn register(&self, topic: &str) -> (String, String) {
+        let res = self
+            .internal_req(reqwest::Method::POST, "/v1/channels")
+            .body(format!(r#"{{"topics":["{topic}"]}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 201);
+        let body: Value = res.json().await.unwrap();
+        let url = body["entries"][0]["url"].as_str().unwrap();
+        let path = url
+            .strip_prefix(&format!("http://{}", self.public))
+            .unwrap();
+        (
+            body["channel"].as_str().unwrap().to_owned(),
+            path.to_owned(),
+        )
+    }
+
+    async fn publish(&self, topic: &str) {
+        let res = self
+            .internal_req(reqwest::Method::POST, "/v1/publish")
+            .body(format!(r#"{{"topic":"{topic}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .internal_req(reqwest::Method::GET, "/metrics")
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+            .parse()
+            .unwrap()
+    }
+
+    async fn wait_parked(&self, n: usize) {
+        eventually(&format!("{n} polls parked"), secs(10.0), || async move {
+            self.metric("nudge_parked_polls").await == n as f64
+        })
+        .await;
+    }
+
+    /// Starts a poll on its own connection; resolves to the answer and when it came.
+    fn spawn_poll(&self, path: &str) -> tokio::task::JoinHandle<(raw::Response, Instant, bool)> {
+        let (addr, request) = (self.public, raw::get(path, ""));
+        tokio::spawn(async move {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            let res = raw::exchange(&mut conn, &request, secs(60.0))
+                .await
+                .unwrap();
+            let at = Instant::now();
+            let closed = raw::closed_within(&mut conn, secs(2.0)).await;
+            (res, at, closed)
+        })
+    }
+}
+
+impl Drop for Nudge {
+    fn drop(&mut self) {
+        // A test that failed half-way must not leave its nudge running.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// `listening public=ADDR` in text, `{"message":"listening","public":"ADDR",…}` in JSON.
+fn bound_address(line: &str, which: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let v: Value = serde_json::from_str(line).ok()?;
+        if v["message"] != "listening" {
+            return None;
+        }
+        return v[which].as_str()?.parse().ok();
+    }
+    let rest = line.split(&format!("listening {which}=")).nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+// ---- the drain --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_drains_parked_polls_spread_over_the_period_then_exits_0() {
+    drain_on_sigterm("true").await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_same_way_on_the_hyper_path() {
+    drain_on_sigterm("false").await;
+}
+
+async fn drain_on_sigterm(fast_path: &str) {
+    const POLLS: usize = 20;
+    let period = secs(2.0);
+    let mut node = Nudge::start(&["--drain-period", "2s", "--fast-path", fast_path], &[]);
+    let mut polls = Vec::new();
+    // Five channels of four polls (the default per-channel limit).
+    for i in 0..5 {
+        let (_, path) = node.register(&format!("t{i}")).await;
+        for _ in 0..POLLS / 5 {
+            polls.push(node.spawn_poll(&path));
+        }
+    }
+    // An idle keep-alive connection: one request answered, then nothing.
+    let (_, path) = node.register("idle").await;
+    let mut idle = TcpStream::connect(node.public).await.unwrap();
+    let res = raw::exchange(
+        &mut idle,
+        &raw::get(&format!("{path}&dont_block=true"), ""),
+        secs(5.0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.text(), r#"{"message":"no_change"}"#);
+    node.wait_parked(POLLS).await;
+    assert_eq!(
+        node.metric("nudge_open_connections").await,
+        POLLS as f64 + 1.0
+    );
+
+    let sent = Instant::now();
+    node.signal("TERM");
+
+    // At once: /readyz turns 503, the public listener refuses new connections, and idle
+    // keep-alive connections are closed.
+    let readyz = format!("http://{}/readyz", node.internal);
+    eventually("/readyz answers 503", secs(1.0), || async {
+        node.http.get(&readyz).send().await.unwrap().status() == 503
+    })
+    .await;
+    let not_ready = sent.elapsed();
+    eventually("new connections are refused", secs(1.0), || async {
+        TcpStream::connect(node.public).await.is_err()
+    })
+    .await;
+    let refused = sent.elapsed();
+    assert!(
+        raw::closed_within(&mut idle, secs(1.0)).await,
+        "the idle keep-alive connection was not closed"
+    );
+    let idle_closed = sent.elapsed();
+
+    let mut answered = Vec::new();
+    for p in polls {
+        let (res, at, closed) = p.await.unwrap();
+        assert_eq!(res.status, 200);
+        assert_eq!(res.text(), r#"{"message":"reconnect"}"#);
+        assert_eq!(res.header("connection"), Some("close"));
+        assert!(closed, "the connection closes after its answer");
+        answered.push(at.duration_since(sent));
+    }
+    let code = node.wait_exit(secs(10.0));
+    let total = sent.elapsed();
+    answered.sort();
+    let (first, last) = (answered[0], answered[POLLS - 1]);
+    let report = format!(
+        "fast path {fast_path}: readyz 503 after {not_ready:?}, refused after {refused:?}, idle closed after \
+         {idle_closed:?}; answers {answered:?}; exit {code} after {total:?}"
+    );
+    assert_eq!(code, 0, "{report}");
+    // All of that happened while the drain was still answering polls.
+    assert!(
+        idle_closed < last && not_ready < last && refused < last,
+        "{report}"
+    );
+    // Spread: from about 0 to about (n-1)/n of the period (1.9 s), evenly.
+    assert!(first < secs(0.5), "{report}");
+    assert!(last - first >= period.mul_f64(0.75), "{report}");
+    assert!(last < period + secs(1.0), "{report}");
+    let most_in_250ms = answered
+        .iter()
+        .map(|&t| {
+            answered
+                .iter()
+                .filter(|&&u| u >= t && u < t + secs(0.25))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most_in_250ms <= 5, "a bunch of {most_in_250ms}: {report}");
+    assert!(total < period + secs(2.0), "{report}");
+    let logs = node.logs().join("\n");
+    assert!(
+        logs.contains("SIGTERM") && logs.contains("drained"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn sigint_drains_the_same_way() {
+    let mut node = Nudge::start(&["--drain-period", "1s"], &[]);
+    let (_, path) = node.register("t").await;
+    let polls: Vec<_> = (0..3).map(|_| node.spawn_poll(&path)).collect();
+    node.wait_parked(3).await;
+    let sent = Instant::now();
+    node.signal("INT");
+    for p in polls {
+        let (res, _, _) = p.await.unwrap();
+        assert_eq!(res.text(), r#"{"message":"reconnect"}"#);
+    }
+    assert_eq!(node.wait_exit(secs(10.0)), 0);
+    assert!(sent.elapsed() < secs(3.0), "{:?}", sent.elapsed());
+    assert!(node.logs().join("\n").contains("SIGINT"));
+}
+
+#[tokio::test]
+async fn with_nothing_parked_the_drain_exits_at_once() {
+    let mut node = Nudge::start(&["--drain-period", "10s"], &[]);
+    let sent = Instant::now();
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(secs(10.0)), 0);
+    assert!(sent.elapsed() < secs(2.0), "{:?}", sent.elapsed());
+}
+
+// ---- limits -----------------------------------------------------------------------------
+
+/// nudge raises its soft open-files limit to the hard one, and `--max-parked` defaults to
+/// that minus a reserve of 256: with soft 300 and hard 400, 144 polls park and the 145th
+/// is `503 over_capacity` (had the soft limit not been raised, it would be 44).
+#[tokio::test]
+async fn max_parked_defaults_to_the_raised_open_files_limit_minus_a_reserve() {
+    const DERIVED: usize = 400 - 256;
+    // This test holds that many connections itself.
+    nudge::server::raise_open_files_limit();
+    let mut node = Nudge::start_via_shell(
+        r#"ulimit -Sn 300 && ulimit -Hn 400 && exec "$0" "$@""#,
+        &["--max-polls-per-channel", "1000", "--drain-period", "1s"],
+    );
+    node.wait_log("configured", secs(5.0));
+    let logs = node.logs().join("\n");
+    assert!(
+        logs.contains(&format!("max_parked={DERIVED}")),
+        "the derived limit is logged: {logs}"
+    );
+    let (_, path) = node.register("t").await;
+    let mut conns = Vec::new();
+    for _ in 0..DERIVED {
+        let mut conn = TcpStream::connect(node.public).await.unwrap();
+        conn.write_all(raw::get(&path, "").as_bytes())
+            .await
+            .unwrap();
+        conns.push(conn);
+    }
+    node.wait_parked(DERIVED).await;
+    let mut one_more = TcpStream::connect(node.public).await.unwrap();
+    let res = raw::exchange(&mut one_more, &raw::get(&path, ""), secs(5.0))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 503);
+    assert_eq!(res.header("retry-after"), Some("5"));
+    let body: Value = serde_json::from_slice(&res.body).unwrap();
+    assert_eq!(body["code"], "over_capacity");
+
+    node.signal("TERM");
+    for conn in &mut conns {
+        let res = raw::read_response(conn, secs(10.0)).await.unwrap();
+        assert_eq!(res.text(), r#"{"message":"reconnect"}"#);
+    }
+    assert_eq!(node.wait_exit(secs(10.0)), 0);
+}
+
+#[tokio::test]
+async fn slow_senders_and_idle_connections_are_cut_by_the_header_read_timeout() {
+    for fast_path in ["true", "false"] {
+        cut_by_header_read_timeout(fast_path).await;
+    }
+}
+
+async fn cut_by_header_read_timeout(fast_path: &str) {
+    let mut node = Nudge::start(
+        &["--header-read-timeout", "1s", "--fast-path", fast_path],
+        &[],
+    );
+    let (_, path) = node.register("t").await;
+    let start = Instant::now();
+
+    // Connected, silent.
+    let mut silent = TcpStream::connect(node.public).await.unwrap();
+    // Sends its request head one byte every 100 ms: 4 s for the whole head.
+    let drip = TcpStream::connect(node.public).await.unwrap();
+    let (mut drip_read, mut drip_write) = drip.into_split();
+    let dripper = tokio::spawn(async move {
+        for b in b"GET /subscribe?channel=AAAAAAAAAAAAAAAAAAAAAA HTTP/1.1\r\n" {
+            if drip_write.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // Answered once, then idle on keep-alive.
+    let mut idle = TcpStream::connect(node.public).await.unwrap();
+    let res = raw::exchange(
+        &mut idle,
+        &raw::get(&format!("{path}&dont_block=true"), ""),
+        secs(5.0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status, 200);
+
+    let (silent_cut, drip_cut, idle_cut) = tokio::join!(
+        async {
+            assert!(raw::closed_within(&mut silent, secs(5.0)).await);
+            start.elapsed()
+        },
+        async {
+            assert!(raw::closed_within(&mut drip_read, secs(5.0)).await);
+            start.elapsed()
+        },
+        async {
+            assert!(raw::closed_within(&mut idle, secs(5.0)).await);
+            start.elapsed()
+        },
+    );
+    dripper.abort();
+    for (what, took) in [
+        ("silent", silent_cut),
+        ("drip", drip_cut),
+        ("idle", idle_cut),
+    ] {
+        assert!(
+            took >= secs(0.9) && took < secs(3.0),
+            "fast path {fast_path}: {what} cut after {took:?}"
+        );
+    }
+    // A prompt client is served as ever.
+    let mut prompt = TcpStream::connect(node.public).await.unwrap();
+    let res = raw::exchange(
+        &mut prompt,
+        &raw::get(&format!("{path}&dont_block=true"), ""),
+        secs(5.0),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.text(), r#"{"message":"no_change"}"#);
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(secs(10.0)), 0);
+}
+
+// ---- logs and secrets -------------------------------------------------------------------
+
+const TOKEN: &str = "internal-token-never-logged-7f3a";
+const CLIENT_AUTH: &str = "Bearer client-api-secret-never-logged";
+const WRONG: &str = "Bearer wrong-token-never-logged";
+const FAKE_ID: &str = "a-secret-looking-channel-value";
+
+/// Runs nudge at `RUST_LOG=trace` through a channel's life with every secret in play, then
+/// returns its logs, the channel id, and its short hash.
+async fn a_life_at_trace(format: &str) -> (Vec<String>, String, String) {
+    let dir = TempDir::new("logs");
+    let token_file = dir.write("token", format!("{TOKEN}\n"));
+    let mut node = Nudge::start(
+        &[
+            "--log-format",
+            format,
+            "--internal-token-file",
+            token_file.to_str().unwrap(),
+            "--drain-period",
+            "1s",
+        ],
+        &[("RUST_LOG", "trace")],
+    );
+    node.token = Some(TOKEN.to_owned());
+    let (id, path) = node.register("user:1").await;
+    let with_auth = |p: &str| raw::get(p, &format!("Authorization: {CLIENT_AUTH}\r\n"));
+
+    let mut conn = TcpStream::connect(node.public).await.unwrap();
+    conn.write_all(with_auth(&path).as_bytes()).await.unwrap();
+    node.wait_parked(1).await;
+    node.publish("user:1").await;
+    let res = raw::read_response(&mut conn, secs(10.0)).await.unwrap();
+    assert_eq!(res.text(), r#"{"message":"new_change"}"#);
+    for p in [
+        format!("{path}&dont_block=true"),
+        format!("/subscribe?channel={FAKE_ID}"),
+    ] {
+        raw::exchange(&mut conn, &with_auth(&p), secs(10.0))
+            .await
+            .unwrap();
+    }
+    let res = node
+        .internal_req(reqwest::Method::GET, &format!("/v1/channels/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let res = node
+        .http
+        .get(format!("http://{}/metrics", node.internal))
+        .header("authorization", WRONG)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
+    let res = node
+        .internal_req(reqwest::Method::DELETE, &format!("/v1/channels/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 204);
+    let res = raw::exchange(&mut conn, &with_auth(&path), secs(10.0))
+        .await
+        .unwrap();
+    assert_eq!(res.text(), r#"{"message":"max_retries"}"#);
+
+    node.signal("TERM");
+    assert_eq!(node.wait_exit(secs(10.0)), 0);
+    let short = nudge::id::ChannelId::parse(&id).unwrap().short();
+    (node.logs(), id, short)
+}
+
+fn assert_no_secret(logs: &[String], id: &str) {
+    for line in logs {
+        for secret in [TOKEN, CLIENT_AUTH, "client-api-secret", WRONG, FAKE_ID, id] {
+            assert!(!line.contains(secret), "{secret:?} logged: {line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn json_logs_are_json_lines_without_secrets_even_at_trace() {
+    let (logs, id, short) = a_life_at_trace("json").await;
+    assert!(logs.len() > 10, "trace logs something: {logs:?}");
+    let mut listening = 0;
+    for line in &logs {
+        let v: Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        for key in ["timestamp", "level", "target"] {
+            assert!(v.get(key).is_some(), "no {key}: {line}");
+        }
+        if v["message"] == "listening" {
+            listening += 1;
+        }
+    }
+    assert_eq!(listening, 2, "one line per bound address");
+    assert!(
+        logs.iter()
+            .any(|l| l.contains(r#""max_parked""#) && l.contains(r#""message":"configured""#))
+    );
+    for what in ["channel registered", "poll", "delete"] {
+        assert!(
+            logs.iter().any(|l| l.contains(&short) && l.contains(what)),
+            "a debug line names the channel of {what:?} by its short hash {short}"
+        );
+    }
+    assert_no_secret(&logs, &id);
+}
+
+#[tokio::test]
+async fn text_logs_carry_no_secret_even_at_trace() {
+    let (logs, id, short) = a_life_at_trace("text").await;
+    assert!(logs.iter().any(|l| l.contains(&short)));
+    assert_eq!(
+        logs.iter().filter(|l| l.contains(" listening ")).count(),
+        2,
+        "{logs:?}"
+    );
+    assert_no_secret(&logs, &id);
+}
+
+#[test]
+fn a_bad_token_file_is_refused_with_exit_64() {
+    let dir = TempDir::new("badtoken");
+    let short = dir.write("short", "too-short\n");
+    let missing = dir.path().join("missing");
+    for (file, says) in [
+        (short.to_str().unwrap(), "at least 16"),
+        (missing.to_str().unwrap(), "--internal-token-file"),
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--internal-token-file", file])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{stderr}");
+        assert!(!stderr.contains("too-short"), "the token is not echoed");
+    }
+}
+
+#[test]
+fn unreadable_tls_files_are_refused_with_exit_64() {
+    let dir = TempDir::new("badtls");
+    let not_pem = dir.write("cert.pem", "this is not a certificate\n");
+    let key = dir.write("key.pem", "nor is this a key\n");
+    for args in [
+        vec![
+            "--tls-cert",
+            not_pem.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        vec!["--tls-cert", not_pem.to_str().unwrap()],
+    ] {
+        let out = Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-"));
+    }
+}
