@@ -55,6 +55,13 @@ cargo build --locked --bin nudge --example soak
 # drained and restarted, a burst of clients; then the leak and memory checks.
 target/debug/examples/soak --duration 40s --clients 300 --burst 500 --topics 100 --nodes 2 --drills
 
+if [ -f tests/sdk/run.sh ]; then
+    step "Box SDK compatibility: the shipped Box SDKs, unchanged, against nudge (tests/sdk)"
+    # The debug binary `cargo test` just built serves these tests as well as a release one,
+    # and saves CI a second full build.
+    NUDGE_BIN="$PWD/target/debug/nudge" bash tests/sdk/run.sh
+fi
+
 if [ -f deploy/check.sh ]; then
     step "deploy/ checks"
     bash deploy/check.sh

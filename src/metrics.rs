@@ -25,6 +25,8 @@ pub struct Metrics {
     pub fanout_seconds: Histogram,
     /// Requests on the public listener by who parsed them: `fast` or `hyper`.
     pub public_requests_total: IntCounterVec,
+    /// `polls_total` for new_change, reconnect, max_retries, no_change, in that order.
+    answers: [IntCounter; 4],
 }
 
 /// Outcomes counted in `nudge_polls_total{outcome}` besides the four answers.
@@ -44,6 +46,14 @@ impl Metrics {
             c
         }
         let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).unwrap());
+        let polls_total = reg(
+            &registry,
+            IntCounterVec::new(
+                Opts::new("nudge_polls_total", "Polls answered, by outcome."),
+                &["outcome"],
+            )
+            .unwrap(),
+        );
         let m = Metrics {
             parked_polls: gauge("nudge_parked_polls", "Polls parked on channels right now."),
             channels: gauge("nudge_channels", "Live channels on this node."),
@@ -66,14 +76,9 @@ impl Metrics {
                 }
                 g
             },
-            polls_total: reg(
-                &registry,
-                IntCounterVec::new(
-                    Opts::new("nudge_polls_total", "Polls answered, by outcome."),
-                    &["outcome"],
-                )
-                .unwrap(),
-            ),
+            answers: [Answer::NewChange, Answer::Reconnect, Answer::MaxRetries, Answer::NoChange]
+                .map(|a| polls_total.with_label_values(&[a.as_str()])),
+            polls_total,
             publishes_total: reg(
                 &registry,
                 IntCounterVec::new(
@@ -124,9 +129,6 @@ impl Metrics {
             ),
             registry,
         };
-        for o in ["new_change", "reconnect", "max_retries", "no_change"] {
-            m.polls_total.with_label_values(&[o]);
-        }
         for p in ["fast", "hyper"] {
             m.public_requests_total.with_label_values(&[p]);
         }
@@ -142,8 +144,16 @@ impl Metrics {
         m
     }
 
+    /// Counts an answer. Every answered poll comes here, so the four answer counters are
+    /// looked up once at start, not per answer (`with_label_values` hashes and locks).
     pub fn count_answer(&self, answer: Answer) {
-        self.polls_total.with_label_values(&[answer.as_str()]).inc();
+        let index = match answer {
+            Answer::NewChange => 0,
+            Answer::Reconnect => 1,
+            Answer::MaxRetries => 2,
+            Answer::NoChange => 3,
+        };
+        self.answers[index].inc();
     }
 
     pub fn count_outcome(&self, outcome: &str) {
