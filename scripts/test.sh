@@ -49,7 +49,7 @@ export NUDGE_REQUIRE_TOOLS=1
 step "cargo test (unit and integration tests, real sockets, the real binary)"
 cargo test --locked --all-targets
 
-step "churn soak, short mode (examples/soak: lost changes, leaks, memory; docs/reliability.md)"
+step "churn soak, short mode (examples/soak: lost changes, leaks, memory; README, Reliability)"
 cargo build --locked --bin nudge --example soak
 # Two nodes on a Redis bus, with the fault drills: Redis killed and restarted, a node
 # drained and restarted, a burst of clients; then the leak and memory checks.

@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin nudge --example soak
-//! # by hand (docs/reliability.md has its latest figures):
+//! # by hand (the README, section "Reliability", has its latest figures):
 //! target/release/examples/soak --duration 150s --clients 600 --burst 2000 --topics 200 --nodes 2 --drills
 //! # scripts/test.sh, on the debug build:
 //! target/debug/examples/soak --duration 40s --clients 300 --burst 500 --topics 100 --nodes 2 --drills
