@@ -82,17 +82,24 @@ impl TestServer {
         format!("http://{}{}", self.internal, path)
     }
 
-    /// `POST /v1/channels`, expecting 201.
-    pub async fn register(&self, body: Value) -> Channel {
+    /// POSTs `body` to an internal route, expects `status`, returns the JSON answer.
+    async fn post_internal(&self, path: &str, body: Value, status: StatusCode) -> Value {
         let res = self
             .http
-            .post(self.internal_url("/v1/channels"))
+            .post(self.internal_url(path))
             .json(&body)
             .send()
             .await
             .unwrap();
-        assert_eq!(res.status(), StatusCode::CREATED);
-        let body: Value = res.json().await.unwrap();
+        assert_eq!(res.status(), status, "POST {path}");
+        res.json().await.unwrap()
+    }
+
+    /// `POST /v1/channels`, expecting 201.
+    pub async fn register(&self, body: Value) -> Channel {
+        let body = self
+            .post_internal("/v1/channels", body, StatusCode::CREATED)
+            .await;
         Channel {
             id: body["channel"].as_str().unwrap().to_owned(),
             url: body["entries"][0]["url"].as_str().unwrap().to_owned(),
@@ -106,15 +113,9 @@ impl TestServer {
 
     /// `POST /v1/publish`, expecting 200; returns `(published, woken)`.
     pub async fn publish(&self, body: Value) -> (u64, u64) {
-        let res = self
-            .http
-            .post(self.internal_url("/v1/publish"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        let body: Value = res.json().await.unwrap();
+        let body = self
+            .post_internal("/v1/publish", body, StatusCode::OK)
+            .await;
         (
             body["published"].as_u64().unwrap(),
             body["woken"].as_u64().unwrap(),
@@ -123,15 +124,7 @@ impl TestServer {
 
     /// `POST /v1/revoke`, expecting 200; returns how many channels were revoked.
     pub async fn revoke(&self, body: Value) -> u64 {
-        let res = self
-            .http
-            .post(self.internal_url("/v1/revoke"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        let body: Value = res.json().await.unwrap();
+        let body = self.post_internal("/v1/revoke", body, StatusCode::OK).await;
         body["revoked"].as_u64().unwrap()
     }
 
