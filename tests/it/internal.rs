@@ -54,45 +54,33 @@ async fn registration_returns_boxs_realtime_server_entry_exactly() {
 #[tokio::test]
 async fn limits_may_be_lowered_per_channel_and_are_clamped_to_the_node() {
     let s = TestServer::start().await;
-    let entry = |b: Value| b["entries"][0].clone();
-    let (_, b) = post(
-        &s,
-        "/v1/channels",
-        r#"{"topics":["t"],"ttl":"5m","max_retries":5,"retry_timeout":"45s"}"#,
-        "application/json",
-    )
-    .await;
+    // The three limits a registration advertises: (ttl, max_retries, retry_timeout).
+    let advertised = |body: &str| {
+        let body = body.to_owned();
+        let s = &s;
+        async move {
+            let (_, b) = post(s, "/v1/channels", &body, "application/json").await;
+            let e = &b["entries"][0];
+            (
+                e["ttl"].clone(),
+                e["max_retries"].clone(),
+                e["retry_timeout"].clone(),
+            )
+        }
+    };
     assert_eq!(
-        (
-            entry(b.clone())["ttl"].clone(),
-            entry(b.clone())["max_retries"].clone(),
-            entry(b)["retry_timeout"].clone()
-        ),
+        advertised(r#"{"topics":["t"],"ttl":"5m","max_retries":5,"retry_timeout":"45s"}"#).await,
         (json!("5"), json!("5"), json!(45))
     );
-    let (_, b) = post(
-        &s,
-        "/v1/channels",
-        r#"{"topics":["t"],"ttl":"2h","max_retries":"99","retry_timeout":600}"#,
-        "application/json",
-    )
-    .await;
     assert_eq!(
-        (
-            entry(b.clone())["ttl"].clone(),
-            entry(b.clone())["max_retries"].clone(),
-            entry(b)["retry_timeout"].clone()
-        ),
+        advertised(r#"{"topics":["t"],"ttl":"2h","max_retries":"99","retry_timeout":600}"#).await,
         (json!("10"), json!("10"), json!(60))
     );
-    let (_, b) = post(
-        &s,
-        "/v1/channels",
-        r#"{"topics":["t"],"ttl":61}"#,
-        "application/json",
-    )
-    .await;
-    assert_eq!(entry(b)["ttl"], json!("2"), "whole minutes, rounded up");
+    assert_eq!(
+        advertised(r#"{"topics":["t"],"ttl":61}"#).await.0,
+        json!("2"),
+        "whole minutes, rounded up"
+    );
 }
 
 #[tokio::test]
