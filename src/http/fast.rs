@@ -367,15 +367,21 @@ impl FastPath {
 
 /// Awaits `answer` while watching the connection: `None` if the client closes first.
 /// `peek` consumes nothing, so a request the client pipelines meanwhile is read later.
+///
+/// The close is looked at first (`biased`): when the client's FIN and a publish reach the
+/// node together, both are ready by the time this task runs, and an answer taken then
+/// would be written into a closed socket and lost. Returning `None` drops the poll instead,
+/// whose guard puts a `new_change` it already holds back as the channel's pending mark.
 async fn watch_client(stream: &TcpStream, answer: impl Future<Output = Answer>) -> Option<Answer> {
     tokio::pin!(answer);
     let mut byte = [0u8; 1];
     tokio::select! {
-        a = &mut answer => return Some(a),
+        biased;
         peeked = stream.peek(&mut byte) => match peeked {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
         },
+        a = &mut answer => return Some(a),
     }
     Some(answer.await)
 }

@@ -385,18 +385,23 @@ impl Hub {
             drop(shard);
             return self.poll_not_live(id_text);
         };
+        // A poll answered at once ends now: the ttl clock starts again from here (SPEC §3,
+        // "from the end of its last poll"), unless another poll is parked and holds it.
         if let Some(seen) = req.stream_position {
             if newest.is_some_and(|n| n > seen) {
                 ch.pending.clear();
+                ch.touch_if_idle(Instant::now());
                 return self.answer_now(Answer::NewChange);
             }
             ch.pending.drop_if_seen(seen);
         }
         if ch.pending.is_set() {
             ch.pending.clear();
+            ch.touch_if_idle(Instant::now());
             return self.answer_now(Answer::NewChange);
         }
         if req.dont_block {
+            ch.touch_if_idle(Instant::now());
             return self.answer_now(Answer::NoChange);
         }
         if ch.budget_spent() {
@@ -582,19 +587,26 @@ impl Hub {
         let mut channels = 0;
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
-            for ch in shard.values_mut() {
+            for (id, ch) in shard.iter_mut() {
                 channels += 1;
                 if ch.waiters.is_empty() {
                     ch.pending.mark(None);
                 } else {
                     let n = ch.waiters.len() as i64;
-                    wake.extend(ch.waiters.drain(..).map(|w| w.tx));
+                    wake.extend(ch.waiters.drain(..).map(|w| (*id, w.tx)));
                     ch.touch_if_idle(now);
                     self.metrics.parked_polls.sub(n);
                 }
             }
         }
-        answer_spread(wake, Answer::NewChange, spread).await;
+        let gone = answer_spread(wake, Answer::NewChange, spread).await;
+        // Polls whose clients left while waiting for their turn: keep the change for the
+        // next poll, as a publish does.
+        for id in gone {
+            if let Some(ch) = self.shard(id).lock().get_mut(&id) {
+                ch.pending.mark(None);
+            }
+        }
         channels
     }
 
@@ -717,10 +729,10 @@ impl Hub {
         let mut answers = Vec::new();
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
-            for ch in shard.values_mut() {
+            for (id, ch) in shard.iter_mut() {
                 if !ch.waiters.is_empty() {
                     self.metrics.parked_polls.sub(ch.waiters.len() as i64);
-                    answers.extend(ch.waiters.drain(..).map(|w| w.tx));
+                    answers.extend(ch.waiters.drain(..).map(|w| (*id, w.tx)));
                     ch.touch_if_idle(now);
                 }
             }
@@ -731,18 +743,27 @@ impl Hub {
     }
 }
 
-/// Answers `senders` with `answer`, the i-th at `i / n` of `spread` from now.
-async fn answer_spread(senders: Vec<oneshot::Sender<Delivery>>, answer: Answer, spread: Duration) {
+/// Answers `senders` with `answer`, the i-th at `i / n` of `spread` from now. Returns the
+/// channels of the polls whose clients had gone by their turn (the answer reached nobody).
+async fn answer_spread(
+    senders: Vec<(ChannelId, oneshot::Sender<Delivery>)>,
+    answer: Answer,
+    spread: Duration,
+) -> Vec<ChannelId> {
     let n = senders.len();
     let start = Instant::now();
-    for (i, tx) in senders.into_iter().enumerate() {
+    let mut gone = Vec::new();
+    for (i, (id, tx)) in senders.into_iter().enumerate() {
         let at = start + spread.mul_f64(i as f64 / n as f64);
         // Timers have millisecond resolution: don't sleep for less.
         if at > Instant::now() + Duration::from_millis(2) {
             sleep_until(at).await;
         }
-        let _ = tx.send(answer.into());
+        if tx.send(answer.into()).is_err() {
+            gone.push(id);
+        }
     }
+    gone
 }
 
 /// The time a poll stays parked (SPEC §3): `retry_timeout` minus a grace of

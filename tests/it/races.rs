@@ -13,6 +13,7 @@ use nudge::hub::{Answer, Hub, HubConfig, Limits, PollRequest, PollStart, Publish
 use nudge::metrics::Metrics;
 use parking_lot::Mutex;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 use crate::support::TestServer;
@@ -24,6 +25,22 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
+}
+
+/// A hub of its own, with parks of `retry_timeout` and a budget that never runs out.
+fn test_hub(retry_timeout: Duration) -> Arc<Hub> {
+    Hub::new(
+        HubConfig {
+            limits: Limits {
+                ttl: Duration::from_secs(60),
+                retry_timeout,
+                max_retries: u32::MAX - 1,
+            },
+            max_polls_per_channel: 4,
+            max_parked: 10_000,
+        },
+        Arc::new(Metrics::new(prometheus::Registry::new(), false)),
+    )
 }
 
 /// When a client last received `new_change`.
@@ -54,18 +71,7 @@ async fn wait_seen(seen: &Seen, published: Instant, what: &str) {
 async fn hub_no_publish_is_lost_under_racing_polls_timeouts_and_disconnects() {
     const CHANNELS: usize = 8;
     const ROUNDS: usize = 400;
-    let hub = Hub::new(
-        HubConfig {
-            limits: Limits {
-                ttl: Duration::from_secs(60),
-                retry_timeout: Duration::from_millis(20),
-                max_retries: u32::MAX - 1,
-            },
-            max_polls_per_channel: 4,
-            max_parked: 10_000,
-        },
-        Arc::new(Metrics::new(prometheus::Registry::new(), false)),
-    );
+    let hub = test_hub(Duration::from_millis(20));
     let cancelled = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..CHANNELS {
@@ -184,5 +190,92 @@ async fn http_no_publish_is_lost_under_racing_polls_and_timeouts() {
     }
     for t in tasks {
         t.await.unwrap();
+    }
+}
+
+/// A client that closes its parked poll just before a publish arrives must find the change
+/// on its next poll: the node sees the close and the publish at nearly the same moment, and
+/// whichever it handles first, the `new_change` must not go into the closed socket and be
+/// forgotten. Both paths, many rounds (the race is lost in a fraction of them at most).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_published_right_after_a_client_closes_its_poll_waits_for_its_next_poll() {
+    const ROUNDS: usize = 150;
+    for fast_path in [true, false] {
+        let s = TestServer::with(|c| c.fast_path = fast_path).await;
+        let ch = s.register_topic("closing").await;
+        let path = ch.url.trim_start_matches(&format!("http://{}", s.public));
+        for round in 0..ROUNDS {
+            let mut conn = tokio::net::TcpStream::connect(s.public).await.unwrap();
+            conn.write_all(crate::raw::get(path, "").as_bytes())
+                .await
+                .unwrap();
+            s.wait_parked(1).await;
+            drop(conn);
+            s.publish(json!({"topic": "closing"})).await;
+            let what = format!("fast_path {fast_path}, round {round}: new_change on the next poll");
+            let mut next = String::new();
+            for _ in 0..100 {
+                next = s.message(&ch.url, "&dont_block=true").await;
+                if next == "new_change" {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(next, "new_change", "{what}");
+            s.wait_parked(0).await;
+        }
+        s.stop().await;
+    }
+}
+
+/// After a gap in the bus every parked poll is answered `new_change`, spread over a window.
+/// A client that leaves while its poll waits for its turn must find the change on its next
+/// poll: the spread's answer reaches nobody, so the channel keeps it pending.
+#[tokio::test]
+async fn hub_a_poll_dropped_during_the_gap_spread_leaves_the_channel_pending() {
+    let hub = test_hub(Duration::from_secs(60));
+    let mut ids = Vec::new();
+    let mut parked = Vec::new();
+    for c in 0..4 {
+        let id = hub
+            .register(Registration {
+                topics: vec![format!("gap{c}")],
+                ..Default::default()
+            })
+            .unwrap()
+            .id
+            .to_string();
+        match hub.poll(&id, PollRequest::default()) {
+            PollStart::Park(p) => parked.push(p),
+            _ => panic!("a fresh channel parks its first poll"),
+        }
+        ids.push(id);
+    }
+    let spread = tokio::spawn({
+        let hub = hub.clone();
+        async move { hub.mark_all_pending(Duration::from_millis(600)).await }
+    });
+    let taken = hub.clone();
+    crate::support::eventually(
+        "the spread took every waiter",
+        Duration::from_secs(5),
+        || {
+            let hub = taken.clone();
+            async move { hub.counts().parked == 0 }
+        },
+    )
+    .await;
+    // Every client leaves before (most of) the spread's answers are sent.
+    drop(parked);
+    assert_eq!(spread.await.unwrap(), 4);
+    for id in &ids {
+        let next = PollRequest {
+            dont_block: true,
+            ..Default::default()
+        };
+        assert!(
+            matches!(hub.poll(id, next), PollStart::Answer(Answer::NewChange)),
+            "the gap's change waits for the next poll of every channel"
+        );
     }
 }

@@ -141,6 +141,30 @@ async fn a_parked_poll_keeps_its_channel_alive_past_the_ttl() {
     assert_eq!(s.message(&ch.url, "").await, "new_change");
 }
 
+/// The ttl counts from the end of the last poll, and a poll answered at once ends at once:
+/// a client whose polls never park (`dont_block`, or a change waiting every time) keeps
+/// its channel alive for as long as it keeps polling within the ttl.
+#[tokio::test]
+async fn polls_answered_at_once_keep_their_channel_alive_too() {
+    let s = TestServer::with(|c| c.limits.ttl = secs(1.0)).await;
+    let ch = s.register_topic("t").await;
+    let start = std::time::Instant::now();
+    while start.elapsed() < secs(3.0) {
+        tokio::time::sleep(secs(0.3)).await;
+        assert_eq!(s.message(&ch.url, "&dont_block=true").await, "no_change");
+        tokio::time::sleep(secs(0.3)).await;
+        s.publish(json!({"topic": "t"})).await;
+        assert_eq!(s.message(&ch.url, "").await, "new_change");
+    }
+    // Once the client stops, the channel expires as usual.
+    let hub = s.hub.clone();
+    eventually("the channel expires", secs(4.0), || {
+        let hub = hub.clone();
+        async move { hub.counts().channels == 0 }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_newer_stream_position_answers_at_once_even_for_a_channel_registered_later() {
     let s = TestServer::start().await;
