@@ -5,6 +5,8 @@
 //! One `Mutex<Book>` per client, never two at once and never across an `.await`: the
 //! publisher, the client's own task and the scanner each take it briefly.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -117,6 +119,8 @@ pub struct Counts {
     pub covered_early: AtomicU64,
     pub excused_cancel: AtomicU64,
     pub excused_retire: AtomicU64,
+    /// With a bus: how often a node was seen to have applied the newest publish.
+    pub applied_seen: AtomicU64,
     pub excused_node: AtomicU64,
     pub dropped_at_leave: AtomicU64,
     pub lost: AtomicU64,
@@ -129,9 +133,11 @@ pub struct Ledger {
     books: Vec<Mutex<Book>>,
     by_topic: Vec<Vec<usize>>,
     deadline: Duration,
-    /// How long after its answer a publish is surely applied on every node: 0 on one node
-    /// (applied before the answer), a margin with a bus (the answer means "in Redis").
-    bus_delay: Duration,
+    /// With a bus, a publish answered `200` is in Redis, not yet applied on the nodes: what
+    /// each node (by internal address) was seen to have applied, as (when the node said so,
+    /// the newest position it had applied then). `None` on one node, which applies a publish
+    /// before answering it.
+    applied: Option<Mutex<HashMap<SocketAddr, Vec<(Instant, u64)>>>>,
     pub counts: Counts,
     latencies_us: Mutex<Vec<u32>>,
     late_max: Mutex<Duration>,
@@ -147,7 +153,7 @@ fn bump(c: &AtomicU64) {
 }
 
 impl Ledger {
-    pub fn new(books: Vec<Book>, topics: usize, deadline: Duration, bus_delay: Duration) -> Ledger {
+    pub fn new(books: Vec<Book>, topics: usize, deadline: Duration, bus: bool) -> Ledger {
         let mut by_topic = vec![Vec::new(); topics];
         for (slot, b) in books.iter().enumerate() {
             for &t in &b.topics {
@@ -158,7 +164,7 @@ impl Ledger {
             books: books.into_iter().map(Mutex::new).collect(),
             by_topic,
             deadline,
-            bus_delay,
+            applied: bus.then(Mutex::default),
             counts: Counts::default(),
             latencies_us: Mutex::new(Vec::new()),
             late_max: Mutex::new(Duration::ZERO),
@@ -171,10 +177,30 @@ impl Ledger {
     /// A publish sent at `sent` falls in the bus gap window, which lasts until the nodes'
     /// gap spread is over: until then a parked poll may be waiting for its spread answer,
     /// out of its channel's waiter list, so a publish marks the channel instead of waking it.
-    fn in_bus_gap(&self, sent: Instant) -> bool {
+    pub fn in_bus_gap(&self, sent: Instant) -> bool {
         self.bus_gap.lock().is_some_and(|(start, end)| {
             sent >= start && end.is_none_or(|end| sent <= end + GAP_SPREAD)
         })
+    }
+
+    /// Node `node` said at `at` that it had applied every publish up to `position`.
+    pub fn applied(&self, node: SocketAddr, position: u64, at: Instant) {
+        if let Some(applied) = &self.applied {
+            bump(&self.counts.applied_seen);
+            applied.lock().entry(node).or_default().push((at, position));
+        }
+    }
+
+    /// Whether `node` had surely applied the publish of `o` before `t`.
+    fn applied_before(&self, node: SocketAddr, o: &Obligation, t: Instant) -> bool {
+        match &self.applied {
+            None => o.answered < t,
+            Some(applied) => applied.lock().get(&node).is_some_and(|seen| {
+                // Samples are in time order, and positions only grow.
+                let before = seen.partition_point(|&(at, _)| at < t);
+                before > 0 && seen[before - 1].1 >= o.position
+            }),
+        }
     }
 
     /// The bus goes away now (publishes sent up to 1 s before may have been in flight).
@@ -393,12 +419,12 @@ impl Ledger {
         }
     }
 
-    /// A poll sent at `poll_sent` was answered `max_retries`. For a mark client, a change
-    /// published (answered, and with a bus delivered) before that poll was sent should have
-    /// won over the spent budget (SPEC §3 order): it is lost. One that raced the poll, or
-    /// was published around a gap in the bus (the node may never have seen it, and the gap
-    /// marks only channels still live when it ends), is excused.
-    pub fn max_retries(&self, slot: usize, poll_sent: Instant) {
+    /// A poll sent at `poll_sent` to `node` was answered `max_retries`. For a mark client, a
+    /// change that node had applied before the poll was sent should have won over the spent
+    /// budget (SPEC §3 order): it is lost. One that raced the poll, or was published around a
+    /// gap in the bus (the node may never have seen it, and the gap marks only channels still
+    /// live when it ends), is excused.
+    pub fn max_retries(&self, slot: usize, poll_sent: Instant, node: SocketAddr) {
         let now = Instant::now();
         let mut b = self.books[slot].lock();
         if b.kind != Kind::Mark {
@@ -410,7 +436,7 @@ impl Ledger {
         for o in obligations {
             // Around a bus gap a node may never have seen the change; it marks the channels
             // that are still live when it resubscribes, and a retired one is not.
-            if !o.gap && o.answered + self.bus_delay < poll_sent {
+            if !o.gap && self.applied_before(node, &o, poll_sent) {
                 self.record_lost(
                     slot,
                     &b,

@@ -67,8 +67,10 @@
 //!     gap is not live when the gap ends, and only live channels are marked);
 //!   - the client's node was drained (drills only).
 //!
-//! With a bus, a publish answered `200` is in Redis, not yet applied on the nodes: the
-//! `max_retries` case above then allows 250 ms between the answer and the poll. A change
+//! With a bus, a publish answered `200` is in Redis, not yet applied on the nodes, and a
+//! busy node may apply it long after: the `max_retries` case above counts a loss only when
+//! the client's node had *said* it had applied the change before the poll was sent (the
+//! `tracker` asks every node, through probe channels polled with `stream_position`). A change
 //! published around a gap in the bus (from 1 s before Redis is killed until the nodes' 2 s
 //! gap spread after the last one resubscribed is over) is due `--deadline` after that
 //! spread: until a node has resubscribed it cannot know of the change, and until its
@@ -230,6 +232,8 @@ struct Ctx {
     ledger: Ledger,
     /// The main API's event log: its latest position.
     head: AtomicU64,
+    /// The newest position a publish answered `200` carried.
+    published: AtomicU64,
     figures: Figures,
     /// Every channel id handed out, to look for in nudge's logs.
     ids: Mutex<HashSet<String>>,
@@ -403,7 +407,7 @@ async fn client(ctx: Arc<Ctx>, slot: usize, life: Life, mut rng: fastrand::Rng) 
                 PollEnd::Answer(m) if m == "reconnect" => inc(&ctx.figures.reconnect),
                 PollEnd::Answer(m) if m == "max_retries" => {
                     inc(&ctx.figures.max_retries);
-                    ctx.ledger.max_retries(slot, sent);
+                    ctx.ledger.max_retries(slot, sent, channel.node.internal);
                     match ctx.register_retrying(slot).await {
                         Some(c) => {
                             // The new channel may live on another node: so must the socket.
@@ -615,6 +619,7 @@ async fn publisher(ctx: Arc<Ctx>, mut rng: fastrand::Rng) {
                     let answered = Instant::now();
                     inc(&ctx.figures.publish_requests);
                     for &(topic, position, stream_type) in &batch {
+                        ctx.published.fetch_max(position, Ordering::AcqRel);
                         inc(&ctx.figures.publishes);
                         ctx.ledger.published(&Published {
                             topic,
@@ -637,6 +642,97 @@ async fn publisher(ctx: Arc<Ctx>, mut rng: fastrand::Rng) {
             }
         }
     }
+}
+
+/// With a bus, finds out when each node has applied the publishes answered so far, for the
+/// checker's `max_retries` rule. The publisher is sequential and its positions grow, so Redis
+/// hands every node the publishes in position order: a node that has applied position p has
+/// applied every publish before it. To ask, the tracker holds probe channels on every node,
+/// bound to all the topics between them, and polls them with `dont_block=true` and
+/// `stream_position=p-1`: `new_change` means a topic's newest position there is at least p
+/// (SPEC §3). The one other way to get `new_change`, the unpositioned mark a gap in the bus
+/// sets on every channel, is cleared by the tracker's next poll; answers to polls sent
+/// around the gap are not used.
+async fn tracker(ctx: Arc<Ctx>) {
+    // Per node process: its probe channels' targets, and the newest position confirmed.
+    let mut probes: std::collections::HashMap<SocketAddr, (Vec<String>, u64)> =
+        std::collections::HashMap::new();
+    let topics: Vec<String> = (0..ctx.args.topics as u32).map(topic_name).collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let published = ctx.published.load(Ordering::Acquire);
+        let nodes: Vec<NodeAddrs> = ctx
+            .nodes
+            .read()
+            .iter()
+            .filter(|n| n.up && n.bus_ok)
+            .map(|n| n.addrs)
+            .collect();
+        for node in nodes {
+            let (targets, confirmed) = probes.entry(node.internal).or_default();
+            if published <= *confirmed {
+                continue;
+            }
+            if targets.is_empty() {
+                match register_probes(&ctx, node, &topics).await {
+                    Ok(t) => *targets = t,
+                    Err(_) => continue,
+                }
+            }
+            let sent = Instant::now();
+            let (mut seen, mut lost) = (false, false);
+            for target in targets.iter() {
+                let url = format!(
+                    "http://{}{target}&dont_block=true&stream_position={}",
+                    node.public,
+                    published - 1
+                );
+                let answer = match ctx.http.get(url).send().await {
+                    Ok(r) => r.json::<Value>().await.ok(),
+                    Err(_) => None,
+                };
+                match answer.as_ref().and_then(|a| a["message"].as_str()) {
+                    Some("new_change") => seen = true,
+                    Some("no_change") => {}
+                    // Expired or gone (a drill): new probes next time.
+                    _ => lost = true,
+                }
+            }
+            if lost {
+                targets.clear();
+            }
+            if seen && !ctx.ledger.in_bus_gap(sent) {
+                *confirmed = published;
+                ctx.ledger.applied(node.internal, published, Instant::now());
+            }
+        }
+    }
+}
+
+/// Registers the tracker's probe channels on a node: every topic, at most 64 per channel.
+async fn register_probes(
+    ctx: &Ctx,
+    node: NodeAddrs,
+    topics: &[String],
+) -> Result<Vec<String>, String> {
+    let mut targets = Vec::new();
+    for chunk in topics.chunks(64) {
+        let res = ctx
+            .http
+            .post(format!("http://{}/v1/channels", node.internal))
+            .json(&json!({ "topics": chunk, "subject": "soak:tracker" }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let body: Value = res.json().await.map_err(|e| e.to_string())?;
+        let id = body["channel"].as_str().ok_or("no channel")?;
+        ctx.ids.lock().insert(id.to_owned());
+        let url = body["entries"][0]["url"].as_str().ok_or("no url")?;
+        targets.push(url[url.find("/subscribe").ok_or("odd url")?..].to_owned());
+    }
+    Ok(targets)
 }
 
 /// A `redis-server` of the soak's own, on a loopback port, storing nothing.
@@ -945,17 +1041,7 @@ async fn run(args: Args) -> Result<bool, String> {
         .collect();
     let (stop_tx, stop_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx {
-        // With a bus, a publish answered 200 is in Redis, not yet applied on the nodes.
-        ledger: Ledger::new(
-            books,
-            args.topics,
-            args.deadline,
-            if args.nodes > 1 {
-                Duration::from_millis(250)
-            } else {
-                Duration::ZERO
-            },
-        ),
+        ledger: Ledger::new(books, args.topics, args.deadline, args.nodes > 1),
         nodes: RwLock::new(
             std::iter::once(&node)
                 .chain(other.as_ref())
@@ -976,6 +1062,7 @@ async fn run(args: Args) -> Result<bool, String> {
         drill_failures: Mutex::new(Vec::new()),
         http: http.clone(),
         head: AtomicU64::new(0),
+        published: AtomicU64::new(0),
         figures: Figures::default(),
         ids: Mutex::new(HashSet::new()),
         protocol_samples: Mutex::new(Vec::new()),
@@ -1004,6 +1091,7 @@ async fn run(args: Args) -> Result<bool, String> {
         clients.spawn(client(ctx.clone(), slot, Life::Resident, rng));
     }
     let publisher_task = tokio::spawn(publisher(ctx.clone(), fastrand::Rng::with_seed(seed ^ 1)));
+    let tracker_task = (args.nodes > 1).then(|| tokio::spawn(tracker(ctx.clone())));
 
     // The run: scan the ledger, sample memory, fire the burst at 40 %.
     let burst_at = started + args.duration.mul_f64(0.4);
@@ -1068,6 +1156,9 @@ async fn run(args: Args) -> Result<bool, String> {
     // Stop publishing; let the last obligations settle; then every client leaves.
     ctx.stop_publisher.store(true, Ordering::Release);
     let _ = publisher_task.await;
+    if let Some(tracker) = tracker_task {
+        tracker.abort();
+    }
     let settle_until = Instant::now() + args.deadline + args.pause_max + Duration::from_secs(2);
     while ctx.ledger.scan() > 0 && Instant::now() < settle_until {
         sleep(Duration::from_millis(50)).await;
@@ -1227,6 +1318,12 @@ async fn run(args: Args) -> Result<bool, String> {
         g(&c.excused_node),
         g(&c.dropped_at_leave)
     );
+    if args.nodes > 1 {
+        println!(
+            "  bus tracker  {:>9} times a node was seen to have applied the newest publish",
+            g(&c.applied_seen)
+        );
+    }
     if let Some([p50, p90, p99, p999, max]) = percentiles {
         println!(
             "  latency      p50 {} p90 {} p99 {} p99.9 {} max {}  (publish sent -> new_change received, pauses excluded)",
