@@ -12,6 +12,8 @@ use crate::hub::Limits;
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
+/// Far above any machine nudge runs on; a typo of a larger number is refused.
+const MAX_WORKER_THREADS: usize = 1024;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -69,6 +71,10 @@ pub struct Args {
     /// rest); `false` sends everything through hyper.
     #[arg(long, env = "NUDGE_FAST_PATH", default_value_t = true, action = clap::ArgAction::Set)]
     pub fast_path: bool,
+    /// Threads serving connections [default: one per CPU core]. A sidecar may want fewer,
+    /// so that it never takes CPU its main API needs.
+    #[arg(long, env = "NUDGE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// PEM certificate chain: the public listener then speaks HTTPS.
     #[arg(long, env = "NUDGE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -103,6 +109,8 @@ pub struct Config {
     pub log_format: LogFormat,
     pub tls: Option<TlsFiles>,
     pub fast_path: bool,
+    /// `None`: one per core (tokio's default).
+    pub worker_threads: Option<usize>,
 }
 
 /// The internal bearer token. Its `Debug` hides it, so that logging a `Config` (or anything
@@ -164,6 +172,13 @@ impl Config {
         if a.max_parked == Some(0) {
             return Err("--max-parked must be at least 1".into());
         }
+        if a.worker_threads
+            .is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n))
+        {
+            return Err(format!(
+                "--worker-threads must be 1 to {MAX_WORKER_THREADS}"
+            ));
+        }
         if let Some(url) = &a.public_url
             && (!(url.starts_with("http://") || url.starts_with("https://")) || url.contains('?'))
         {
@@ -171,14 +186,18 @@ impl Config {
                 "--public-url must be an http:// or https:// base URL without a query, got {url:?}"
             ));
         }
-        if let Some(url) = &a.redis_url
-            && !["redis://", "rediss://", "unix://"]
-                .iter()
-                .any(|s| url.starts_with(s))
-        {
-            return Err(format!(
-                "--redis-url must start with redis://, rediss:// or unix://, got {url:?}"
-            ));
+        if let Some(url) = &a.redis_url {
+            if url.starts_with("rediss://") {
+                return Err(
+                    "--redis-url: rediss:// (TLS to Redis) is not supported by this build; \
+                     reach Redis over a private network, or through a TLS tunnel with redis://"
+                        .into(),
+                );
+            }
+            if !["redis://", "unix://"].iter().any(|s| url.starts_with(s)) {
+                // Not repeated: the URL may hold a password.
+                return Err("--redis-url must start with redis:// or unix://".into());
+            }
         }
         if let Some(url) = &a.redis_url {
             crate::bus::check_url(url)?;
@@ -242,6 +261,7 @@ impl Config {
             log_format: a.log_format,
             tls,
             fast_path: a.fast_path,
+            worker_threads: a.worker_threads,
         })
     }
 }
@@ -329,12 +349,27 @@ mod tests {
                 .unwrap_err()
                 .contains("--public-url")
         );
-        for url in ["redis://", "redis://127.0.0.1/notadb"] {
+        assert!(
+            parse(&["--worker-threads", "0"])
+                .unwrap_err()
+                .contains("--worker-threads")
+        );
+        assert_eq!(
+            parse(&["--worker-threads", "1"]).unwrap().worker_threads,
+            Some(1)
+        );
+        let tls = parse(&["--redis-url", "rediss://:secret@redis.internal:6380"]).unwrap_err();
+        assert!(
+            tls.contains("rediss://") && !tls.contains("secret"),
+            "{tls}"
+        );
+        for url in ["redis://", "redis://127.0.0.1/notadb", "http://:secret@x"] {
             assert!(
                 parse(&["--redis-url", url])
                     .unwrap_err()
                     .contains("--redis-url")
             );
+            assert!(!parse(&["--redis-url", url]).unwrap_err().contains("secret"));
         }
         assert!(parse(&["--redis-url", "redis://:secret@127.0.0.1:6379/2"]).is_ok());
     }

@@ -35,7 +35,13 @@ fn main() -> ExitCode {
     let open_files = nudge::server::raise_open_files_limit();
     tracing::debug!(?open_files, "open-files limit");
 
-    let runtime = tokio::runtime::Runtime::new().expect("the tokio runtime starts");
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // Named for `top -H` and `ps -L`; blocking-pool threads get the same name.
+    runtime.enable_all().thread_name("nudge-worker");
+    if let Some(threads) = config.worker_threads {
+        runtime.worker_threads(threads);
+    }
+    let runtime = runtime.build().expect("the tokio runtime starts");
     runtime.block_on(async {
         // Signal handlers before the listeners: a SIGTERM sent as soon as the `listening`
         // lines appear must drain and exit 0, not kill the process.

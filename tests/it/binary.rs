@@ -147,6 +147,8 @@ fn bad_configuration_exits_64_naming_the_flag() {
         ),
         (vec!["--public-url", "example.com"], "--public-url"),
         (vec!["--log-format", "xml"], "--log-format"),
+        (vec!["--worker-threads", "0"], "--worker-threads"),
+        (vec!["--redis-url", "rediss://redis.internal"], "rediss://"),
         (vec!["--no-such-flag"], "--no-such-flag"),
     ] {
         let out = Command::new(BIN).args(&args).output().unwrap();
@@ -185,6 +187,8 @@ fn help_lists_every_flag() {
         "--log-format",
         "--tls-cert",
         "--tls-key",
+        "--fast-path",
+        "--worker-threads",
         "NUDGE_MAX_PARKED",
     ] {
         assert!(help.contains(flag), "{flag}");

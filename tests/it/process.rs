@@ -378,6 +378,33 @@ async fn with_nothing_parked_the_drain_exits_at_once() {
     assert!(sent.elapsed() < secs(2.0), "{:?}", sent.elapsed());
 }
 
+/// `--worker-threads N` runs N threads serving connections (what `top -H` shows an
+/// operator as `nudge-worker`), and the node serves as usual on them.
+#[tokio::test]
+async fn worker_threads_sets_how_many_threads_serve() {
+    for threads in [1usize, 3] {
+        let mut node = Nudge::start(&["--worker-threads", &threads.to_string()], &[]);
+        let (_, path) = node.register("t").await;
+        let mut conn = TcpStream::connect(node.public).await.unwrap();
+        let res = raw::exchange(
+            &mut conn,
+            &raw::get(&format!("{path}&dont_block=true"), ""),
+            secs(5.0),
+        )
+        .await
+        .unwrap();
+        assert_eq!(res.text(), r#"{"message":"no_change"}"#);
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", node.child.id())).unwrap();
+        let workers = tasks
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|comm| comm.trim() == "nudge-worker")
+            .count();
+        assert_eq!(workers, threads, "--worker-threads {threads}");
+        node.signal("TERM");
+        assert_eq!(node.wait_exit(secs(10.0)), 0);
+    }
+}
+
 // ---- limits -----------------------------------------------------------------------------
 
 /// nudge raises its soft open-files limit to the hard one, and `--max-parked` defaults to
