@@ -137,7 +137,7 @@ pub struct Ledger {
     /// each node (by internal address) was seen to have applied, as (when the node said so,
     /// the newest position it had applied then). `None` on one node, which applies a publish
     /// before answering it.
-    applied: Option<Mutex<HashMap<SocketAddr, Vec<(Instant, u64)>>>>,
+    applied: Option<Mutex<HashMap<SocketAddr, AppliedLog>>>,
     pub counts: Counts,
     latencies_us: Mutex<Vec<u32>>,
     late_max: Mutex<Duration>,
@@ -147,6 +147,9 @@ pub struct Ledger {
     gap_latency_max: Mutex<Duration>,
     lost: Mutex<Vec<String>>,
 }
+
+/// One node's answers to the tracker: (when it answered, the newest position it had applied).
+type AppliedLog = Vec<(Instant, u64)>;
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
