@@ -485,13 +485,7 @@ async fn tls_long_poll_over_https_with_a_generated_certificate() {
     let (mut tls, path, res) = poll.await.unwrap();
     assert_eq!(res.status, 200);
     assert_eq!(res.text(), r#"{"message":"new_change"}"#);
-    let res = raw::exchange(
-        &mut tls,
-        &raw::get(&format!("{path}&dont_block=true"), ""),
-        secs(5.0),
-    )
-    .await
-    .unwrap();
+    let res = raw::poll_now(&mut tls, &path).await.unwrap();
     assert_eq!(res.text(), r#"{"message":"no_change"}"#);
 
     // Plain HTTP on the HTTPS port gets no HTTP answer.
@@ -541,13 +535,7 @@ async fn request_size_limits(fast_path: bool) {
     assert_eq!(res.status, 400);
     let body: Value = serde_json::from_slice(&res.body).unwrap();
     assert_eq!(body["code"], "bad_request");
-    let res = raw::exchange(
-        &mut conn,
-        &raw::get(&format!("{path}&dont_block=true"), ""),
-        secs(5.0),
-    )
-    .await
-    .unwrap();
+    let res = raw::poll_now(&mut conn, &path).await.unwrap();
     assert_eq!(res.text(), r#"{"message":"no_change"}"#);
 
     // A request head over 64 KiB (by its URL or its headers), or with over 100 headers:

@@ -270,13 +270,7 @@ async fn drain_on_sigterm(fast_path: &str) {
     // An idle keep-alive connection: one request answered, then nothing.
     let (_, path) = node.register("idle").await;
     let mut idle = TcpStream::connect(node.public).await.unwrap();
-    let res = raw::exchange(
-        &mut idle,
-        &raw::get(&format!("{path}&dont_block=true"), ""),
-        secs(5.0),
-    )
-    .await
-    .unwrap();
+    let res = raw::poll_now(&mut idle, &path).await.unwrap();
     assert_eq!(res.text(), r#"{"message":"no_change"}"#);
     node.wait_parked(POLLS).await;
     assert_eq!(
@@ -386,13 +380,7 @@ async fn worker_threads_sets_how_many_threads_serve() {
         let mut node = Nudge::start(&["--worker-threads", &threads.to_string()], &[]);
         let (_, path) = node.register("t").await;
         let mut conn = TcpStream::connect(node.public).await.unwrap();
-        let res = raw::exchange(
-            &mut conn,
-            &raw::get(&format!("{path}&dont_block=true"), ""),
-            secs(5.0),
-        )
-        .await
-        .unwrap();
+        let res = raw::poll_now(&mut conn, &path).await.unwrap();
         assert_eq!(res.text(), r#"{"message":"no_change"}"#);
         let tasks = std::fs::read_dir(format!("/proc/{}/task", node.child.id())).unwrap();
         let workers = tasks
@@ -482,13 +470,7 @@ async fn cut_by_header_read_timeout(fast_path: &str) {
     });
     // Answered once, then idle on keep-alive.
     let mut idle = TcpStream::connect(node.public).await.unwrap();
-    let res = raw::exchange(
-        &mut idle,
-        &raw::get(&format!("{path}&dont_block=true"), ""),
-        secs(5.0),
-    )
-    .await
-    .unwrap();
+    let res = raw::poll_now(&mut idle, &path).await.unwrap();
     assert_eq!(res.status, 200);
 
     let (silent_cut, drip_cut, idle_cut) = tokio::join!(
@@ -518,13 +500,7 @@ async fn cut_by_header_read_timeout(fast_path: &str) {
     }
     // A prompt client is served as ever.
     let mut prompt = TcpStream::connect(node.public).await.unwrap();
-    let res = raw::exchange(
-        &mut prompt,
-        &raw::get(&format!("{path}&dont_block=true"), ""),
-        secs(5.0),
-    )
-    .await
-    .unwrap();
+    let res = raw::poll_now(&mut prompt, &path).await.unwrap();
     assert_eq!(res.text(), r#"{"message":"no_change"}"#);
     node.signal("TERM");
     assert_eq!(node.wait_exit(secs(10.0)), 0);

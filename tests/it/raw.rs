@@ -44,6 +44,15 @@ where
     read_response(stream, within).await
 }
 
+/// `GET path&dont_block=true`: the answer a poll of `path` gets at once, within 5 s.
+pub async fn poll_now<S>(stream: &mut S, path: &str) -> io::Result<Response>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let request = get(&format!("{path}&dont_block=true"), "");
+    exchange(stream, &request, Duration::from_secs(5)).await
+}
+
 /// Reads one answer (head, then a `Content-Length` body) within `within`. A server that
 /// closes first is an `UnexpectedEof` error.
 pub async fn read_response<S>(stream: &mut S, within: Duration) -> io::Result<Response>
