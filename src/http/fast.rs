@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use super::subscribe::{self, PublicState, SubscribeQuery, parse_query};
 use super::{Body, error};
 use crate::error::ApiError;
-use crate::hub::{Answer, PollRequest, PollStart};
+use crate::hub::{Answer, ParkedPoll, PollRequest, PollStart};
 
 /// Headers a fast-path request may carry; more goes to hyper (which takes up to 100).
 const MAX_HEADERS: usize = 32;
@@ -250,24 +250,28 @@ impl FastPath {
         }
     }
 
-    /// Serves one public connection until it closes, or hands it to hyper.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, mut close: watch::Receiver<bool>) {
+    /// Serves one public connection until it closes, or hands it to hyper. `_guard` is
+    /// dropped when the connection ends (the caller's open-connection count).
+    ///
+    /// What a parked poll costs is this future's size, so it is kept small: the states a
+    /// parked poll does not need (reading a head, with its timers; hyper; a held poll) are
+    /// boxed, and the parked state itself is [`wait_parked`].
+    pub async fn serve<G: Send>(
+        self: Arc<Self>,
+        stream: TcpStream,
+        mut close: watch::Receiver<bool>,
+        _guard: G,
+    ) {
         loop {
-            let next = tokio::select! {
-                next = tokio::time::timeout(self.header_read_timeout, self.read_head(&stream)) => match next {
-                    Ok(Ok(next)) => next,
-                    Ok(Err(_)) | Err(_) => NextHead::Done,
-                },
-                _ = crate::server::became_true(&mut close) => NextHead::Done,
-            };
-            let request = match next {
-                NextHead::Fast(request) => {
+            // Scoped so that nothing of the request outlives the start of the poll.
+            let (start, close_requested) = match Box::pin(self.next_head(&stream, &mut close)).await
+            {
+                NextHead::Fast(FastRequest { query, close }) => {
                     self.served.inc();
-                    request
+                    (self.start_poll(query), close)
                 }
                 NextHead::Hyper(prefix) => {
-                    // Boxed: hyper's connection future is large, and an unboxed one would make
-                    // every fast-path task (parked polls included) reserve room for it.
+                    // Boxed: hyper's connection future is large.
                     let io = TokioIo::new(Replay {
                         prefix,
                         at: 0,
@@ -279,10 +283,21 @@ impl FastPath {
                 }
                 NextHead::Done => return,
             };
-            let Some(reply) = self.poll(&stream, request.query).await else {
-                return; // the client went away
+            let reply = match start {
+                PollStart::Answer(a) => Reply::Answer(a),
+                PollStart::TooManyPolls => Reply::TooManyPolls,
+                PollStart::OverCapacity => Reply::OverCapacity,
+                // Rare (ids that are not live): boxed, like the read above.
+                PollStart::Hold(held) => match Box::pin(watch_client(&stream, held.wait())).await {
+                    Some(a) => Reply::Answer(a),
+                    None => return, // the client went away
+                },
+                PollStart::Park(parked) => match wait_parked(&stream, parked).await {
+                    Some(a) => Reply::Answer(a),
+                    None => return,
+                },
             };
-            let close_after = request.close || self.state.hub.is_draining();
+            let close_after = close_requested || self.state.hub.is_draining();
             if write_reply(&stream, self.prebuilt(reply), close_after)
                 .await
                 .is_err()
@@ -293,8 +308,20 @@ impl FastPath {
         }
     }
 
-    /// Starts the poll on the hub and waits for its answer; `None` if the client left.
-    async fn poll(&self, stream: &TcpStream, query: SubscribeQuery) -> Option<Reply> {
+    /// The next request head, or `Done` when the client closes, sends nothing in time, or
+    /// the node starts draining.
+    async fn next_head(&self, stream: &TcpStream, close: &mut watch::Receiver<bool>) -> NextHead {
+        tokio::select! {
+            next = tokio::time::timeout(self.header_read_timeout, self.read_head(stream)) => match next {
+                Ok(Ok(next)) => next,
+                Ok(Err(_)) | Err(_) => NextHead::Done,
+            },
+            _ = crate::server::became_true(close) => NextHead::Done,
+        }
+    }
+
+    /// Starts the poll on the hub.
+    fn start_poll(&self, query: SubscribeQuery) -> PollStart {
         let request = PollRequest {
             stream_position: query.stream_position,
             dont_block: query.dont_block,
@@ -302,16 +329,7 @@ impl FastPath {
         // Logged when the poll starts: keeping the channel's tag until the answer would cost
         // every parked poll its room. The id is a credential: its short hash only.
         tracing::debug!(channel = %crate::id::log_tag(&query.channel), "poll (fast path)");
-        let start = self.state.hub.poll(&query.channel, request);
-        drop(query);
-        let answer = match start {
-            PollStart::Answer(a) => a,
-            PollStart::TooManyPolls => return Some(Reply::TooManyPolls),
-            PollStart::OverCapacity => return Some(Reply::OverCapacity),
-            PollStart::Hold(held) => watch_client(stream, held.wait()).await?,
-            PollStart::Park(parked) => watch_client(stream, parked.wait()).await?,
-        };
-        Some(Reply::Answer(answer))
+        self.state.hub.poll(&query.channel, request)
     }
 
     /// Reads the next request head: from the per-thread scratch buffer when it arrives in
@@ -384,6 +402,32 @@ async fn watch_client(stream: &TcpStream, answer: impl Future<Output = Answer>) 
         a = &mut answer => return Some(a),
     }
     Some(answer.await)
+}
+
+/// Waits for a parked poll's answer while watching the connection, as [`watch_client`]
+/// does, but with no nested future: the close is seen through `poll_peek` (the socket's own
+/// readiness, nothing stored here), the answer through [`ParkedPoll::poll_answer`]. What a
+/// parked poll holds for as long as it is parked is this function's state, so every byte
+/// here is paid once per parked poll.
+async fn wait_parked(stream: &TcpStream, mut parked: ParkedPoll) -> Option<Answer> {
+    // Pinned where it is made (`tokio::pin!` would keep a second, moved-from copy).
+    let mut park_time = std::pin::pin!(tokio::time::sleep_until(parked.deadline()));
+    // Set once the client has sent more bytes (a pipelined request): from then on only the
+    // answer is awaited, and the bytes are read after it.
+    let mut pipelined = false;
+    std::future::poll_fn(|cx| {
+        // The close first, for the reason given at `watch_client`.
+        if !pipelined {
+            let mut byte = [0u8; 1];
+            match stream.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(_)) => pipelined = true,
+                Poll::Pending => {}
+            }
+        }
+        parked.poll_answer(park_time.as_mut(), cx).map(Some)
+    })
+    .await
 }
 
 /// Writes a prebuilt answer: one `try_write` from a per-thread buffer in the common case.

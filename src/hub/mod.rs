@@ -21,15 +21,17 @@ mod not_live;
 mod topics;
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use parking_lot::Mutex;
 use prometheus::Histogram;
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 
 pub use channel::Limits;
 use channel::{Channel, Pending, Waiter};
@@ -435,6 +437,7 @@ impl Hub {
             key,
             deadline,
             rx,
+            expired: false,
             settled: false,
         })
     }
@@ -786,6 +789,8 @@ pub struct ParkedPoll {
     key: u64,
     deadline: Instant,
     rx: oneshot::Receiver<Delivery>,
+    /// Its deadline passed but someone else had taken its waiter: their answer is coming.
+    expired: bool,
     settled: bool,
 }
 
@@ -796,17 +801,35 @@ impl ParkedPoll {
 
     /// Waits for the answer: a publish, a revoke, the drain, or the park time running out.
     pub async fn wait(mut self) -> Answer {
+        let mut park_time = std::pin::pin!(sleep_until(self.deadline));
+        std::future::poll_fn(|cx| self.poll_answer(park_time.as_mut(), cx)).await
+    }
+
+    /// The poll-based core of [`ParkedPoll::wait`], for a transport that drives its own
+    /// future and would rather not hold a nested one per parked poll (the fast path).
+    /// `park_time` must be a `Sleep` until [`ParkedPoll::deadline`], polled only here.
+    pub fn poll_answer(
+        &mut self,
+        park_time: Pin<&mut Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Answer> {
         let gone = || Delivery::from(Answer::Reconnect);
-        let delivery = tokio::select! {
-            biased;
-            sent = &mut self.rx => sent.unwrap_or_else(|_| gone()),
-            _ = sleep_until(self.deadline) => match self.hub.expire_poll(self.id, self.key) {
-                Some(answer) => answer.into(),
+        if let Poll::Ready(sent) = Pin::new(&mut self.rx).poll(cx) {
+            return Poll::Ready(self.settle(sent.unwrap_or_else(|_| gone())));
+        }
+        if !self.expired && park_time.poll(cx).is_ready() {
+            match self.hub.expire_poll(self.id, self.key) {
+                Some(answer) => return Poll::Ready(self.settle(answer.into())),
                 // Taken by someone else between the deadline and the lock: their answer is
-                // being sent right now (no lock is held while sending).
-                None => (&mut self.rx).await.unwrap_or_else(|_| gone()),
-            },
-        };
+                // being sent right now (no lock is held while sending). `rx` was polled
+                // above, so this task is woken when it arrives.
+                None => self.expired = true,
+            }
+        }
+        Poll::Pending
+    }
+
+    fn settle(&mut self, delivery: Delivery) -> Answer {
         self.settled = true;
         self.hub.metrics.count_answer(delivery.answer);
         if let Some(clock) = &delivery.fanout {
