@@ -387,6 +387,11 @@ async fn run(settings: &mut Settings) -> i32 {
         println!();
         println!("targets (against {}):", reference.map_or("Nchan", |s| s));
         for (text, ok) in &targets {
+            // An indented line explains the target above it.
+            if let Some(note) = text.strip_prefix("  ") {
+                println!("            {note}");
+                continue;
+            }
             let mark = match ok {
                 Some(true) => "met    ",
                 Some(false) => "NOT MET",
