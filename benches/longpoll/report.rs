@@ -218,7 +218,10 @@ impl Results<'_> {
                 |s| self.park_median(s, scenario, n_max, |r| Some(r.wake.as_ref()?.client_cpu_ms)),
             ));
             lines.push(self.row(
-                format!("CPU floor of that wake: (server + client CPU) / {} cores, N={n_max}", cores()),
+                format!(
+                    "CPU floor of that wake: (server + client CPU) / {} cores, N={n_max}",
+                    cores()
+                ),
                 "ms",
                 |s| {
                     self.park_median(s, scenario, n_max, |r| {
