@@ -658,6 +658,12 @@ async fn tracker(ctx: Arc<Ctx>) {
     let mut probes: std::collections::HashMap<SocketAddr, (Vec<String>, u64)> =
         std::collections::HashMap::new();
     let topics: Vec<String> = (0..ctx.args.topics as u32).map(topic_name).collect();
+    // A client of its own: its pooled connections to the public listeners close with it
+    // when the tracker is stopped, so that the leak check does not wait for them.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client");
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -676,7 +682,7 @@ async fn tracker(ctx: Arc<Ctx>) {
                 continue;
             }
             if targets.is_empty() {
-                match register_probes(&ctx, node, &topics).await {
+                match register_probes(&ctx, &http, node, &topics).await {
                     Ok(t) => *targets = t,
                     Err(_) => continue,
                 }
@@ -689,7 +695,7 @@ async fn tracker(ctx: Arc<Ctx>) {
                     node.public,
                     published - 1
                 );
-                let answer = match ctx.http.get(url).send().await {
+                let answer = match http.get(url).send().await {
                     Ok(r) => r.json::<Value>().await.ok(),
                     Err(_) => None,
                 };
@@ -714,13 +720,13 @@ async fn tracker(ctx: Arc<Ctx>) {
 /// Registers the tracker's probe channels on a node: every topic, at most 64 per channel.
 async fn register_probes(
     ctx: &Ctx,
+    http: &reqwest::Client,
     node: NodeAddrs,
     topics: &[String],
 ) -> Result<Vec<String>, String> {
     let mut targets = Vec::new();
     for chunk in topics.chunks(64) {
-        let res = ctx
-            .http
+        let res = http
             .post(format!("http://{}/v1/channels", node.internal))
             .json(&json!({ "topics": chunk, "subject": "soak:tracker" }))
             .send()
