@@ -410,7 +410,7 @@ async fn watch_client(stream: &TcpStream, answer: impl Future<Output = Answer>) 
 /// parked poll holds for as long as it is parked is this function's state, so every byte
 /// here is paid once per parked poll.
 async fn wait_parked(stream: &TcpStream, mut parked: ParkedPoll) -> Option<Answer> {
-    // Pinned where it is made (`tokio::pin!` would keep a second, moved-from copy).
+    // The park time, pinned in place: it lives as long as the poll is parked.
     let mut park_time = std::pin::pin!(tokio::time::sleep_until(parked.deadline()));
     // Set once the client has sent more bytes (a pipelined request): from then on only the
     // answer is awaited, and the bytes are read after it.
