@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::raw;
-use crate::support::{eventually, secs};
+use crate::support::{eventually, metric_sample, secs};
 use crate::tools::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nudge");
@@ -191,11 +191,7 @@ impl Nudge {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("no {name} in /metrics"))
-            .parse()
-            .unwrap()
+        metric_sample(&text, name)
     }
 
     async fn wait_parked(&self, n: usize) {

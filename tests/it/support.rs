@@ -174,14 +174,7 @@ impl TestServer {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(sample)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
-            .parse()
-            .unwrap()
+        metric_sample(&text, sample)
     }
 
     /// `GET /readyz`: its status and `code` (`None` when ready).
@@ -218,6 +211,15 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// The value of one sample (`name` or `name{labels}`) in a Prometheus text exposition.
+pub fn metric_sample(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no sample {sample} in /metrics"))
+        .parse()
+        .unwrap()
 }
 
 /// Waits until `condition` holds, checking every 10 ms; panics with `what` at the deadline.
