@@ -312,12 +312,19 @@ impl Ctx {
             return Err(format!("register: status {}", res.status()));
         }
         let body: Value = res.json().await.map_err(|e| format!("register: {e}"))?;
+        let (id, target) = self.registered_channel(&body)?;
+        inc(&self.figures.registrations);
+        Ok(Registered { id, target, node })
+    }
+
+    /// Reads a `201` registration answer: the channel id (remembered, to look for in the
+    /// logs) and the `/subscribe?…` target of its URL.
+    fn registered_channel(&self, body: &Value) -> Result<(String, String), String> {
         let id = body["channel"].as_str().ok_or("no channel")?.to_owned();
         let url = body["entries"][0]["url"].as_str().ok_or("no url")?;
         let target = url[url.find("/subscribe").ok_or("odd url")?..].to_owned();
-        inc(&self.figures.registrations);
         self.ids.lock().insert(id.clone());
-        Ok(Registered { id, target, node })
+        Ok((id, target))
     }
 
     /// Registers, retrying for up to 30 s (a burst, or no node ready during a drill).
@@ -733,10 +740,7 @@ async fn register_probes(
             .await
             .map_err(|e| e.to_string())?;
         let body: Value = res.json().await.map_err(|e| e.to_string())?;
-        let id = body["channel"].as_str().ok_or("no channel")?;
-        ctx.ids.lock().insert(id.to_owned());
-        let url = body["entries"][0]["url"].as_str().ok_or("no url")?;
-        targets.push(url[url.find("/subscribe").ok_or("odd url")?..].to_owned());
+        targets.push(ctx.registered_channel(&body)?.1);
     }
     Ok(targets)
 }
