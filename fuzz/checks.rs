@@ -100,15 +100,21 @@ pub fn register_body(data: &[u8]) {
 }
 
 /// The public listener's own request-head reader (`src/http/fast.rs`): the first byte says
-/// whether CORS is on, the rest is what arrived on the socket. A head it serves itself is
-/// served the same from its own bytes alone, with the query read as the hyper path reads it.
+/// whether CORS is on (for every origin), the rest is what arrived on the socket. A head it
+/// serves itself is served the same from its own bytes alone, with the query read as the
+/// hyper path reads it, and CORS changes only which origin is echoed, never the path.
 pub fn fast_classify(data: &[u8]) {
     use nudge::http::fast::{Classified, classify};
+    use nudge::http::subscribe::Cors;
     let Some((&flags, buf)) = data.split_first() else {
         return;
     };
-    let cors = flags & 1 == 1;
-    match classify(buf, cors) {
+    let cors = if flags & 1 == 1 {
+        Cors::new(vec!["*".into()])
+    } else {
+        Cors::default()
+    };
+    match classify(buf, &cors) {
         Classified::Fast { len, request } => {
             assert!(len <= buf.len());
             assert_eq!(
@@ -117,24 +123,26 @@ pub fn fast_classify(data: &[u8]) {
                 "a head ends with its blank line"
             );
             assert_eq!(
-                classify(&buf[..len], cors),
+                classify(&buf[..len], &cors),
                 Classified::Fast {
                     len,
                     request: nudge::http::fast::FastRequest {
                         query: request.query.clone(),
                         close: request.close,
+                        allowed_origin: request.allowed_origin.clone(),
                     },
                 }
             );
             assert!(!request.query.channel.is_empty());
-            // Turning CORS on can only send more requests to hyper.
-            if !cors {
-                assert!(matches!(
-                    classify(buf, true),
-                    Classified::Fast { .. } | Classified::Hyper
-                ));
+            if flags & 1 == 0 {
+                assert_eq!(request.allowed_origin, None);
             }
+            assert!(matches!(
+                classify(buf, &Cors::new(vec!["*".into()])),
+                Classified::Fast { .. }
+            ));
         }
-        Classified::Hyper | Classified::Partial => {}
+        Classified::Hyper => assert_eq!(classify(buf, &Cors::default()), Classified::Hyper),
+        Classified::Partial => {}
     }
 }

@@ -27,6 +27,16 @@ pub struct Metrics {
     pub public_requests_total: IntCounterVec,
     /// `polls_total` for new_change, reconnect, max_retries, no_change, in that order.
     answers: [IntCounter; 4],
+    /// `nudge_polls_parked_total{path}` for the fast path and hyper, in that order.
+    parked_on: [IntCounter; 2],
+}
+
+/// Which path a poll parked on: a poll parked on hyper costs several times the memory of
+/// one on the fast path, so operators should see when clients end up there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParkedOn {
+    Fast,
+    Hyper,
 }
 
 /// Outcomes counted in `nudge_polls_total{outcome}` besides the four answers.
@@ -54,7 +64,19 @@ impl Metrics {
             )
             .unwrap(),
         );
+        let polls_parked_total = reg(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "nudge_polls_parked_total",
+                    "Polls parked, by the path that parked them (fast, hyper).",
+                ),
+                &["path"],
+            )
+            .unwrap(),
+        );
         let m = Metrics {
+            parked_on: ["fast", "hyper"].map(|p| polls_parked_total.with_label_values(&[p])),
             parked_polls: gauge("nudge_parked_polls", "Polls parked on channels right now."),
             channels: gauge("nudge_channels", "Live channels on this node."),
             topics: gauge(
@@ -154,6 +176,11 @@ impl Metrics {
             Answer::NoChange => 3,
         };
         self.answers[index].inc();
+    }
+
+    /// Counts a poll that parked, by path.
+    pub fn count_parked(&self, on: ParkedOn) {
+        self.parked_on[on as usize].inc();
     }
 
     pub fn count_outcome(&self, outcome: &str) {

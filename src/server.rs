@@ -35,6 +35,7 @@ use crate::config::Config;
 use crate::http::fast::FastPath;
 use crate::http::internal::{self, InternalState};
 use crate::http::subscribe::{self, Cors, PublicState};
+use crate::http::watched::Watched;
 use crate::hub::{Hub, HubConfig};
 use crate::metrics::Metrics;
 
@@ -211,16 +212,24 @@ impl Server {
                         tokio::spawn(fast.clone().serve(stream, close, guard));
                     }
                     (None, None) => {
-                        let (builder, service) =
-                            (builder.clone(), subscribe::service(public_state.clone()));
+                        let (stream, client) = Watched::new(stream, Vec::new());
+                        let (builder, service) = (
+                            builder.clone(),
+                            subscribe::service(public_state.clone(), client),
+                        );
                         tokio::spawn(async move {
                             serve(&builder, TokioIo::new(stream), service, close).await;
                             drop(guard);
                         });
                     }
                     (Some(tls), _) => {
-                        let (builder, service) =
-                            (builder.clone(), subscribe::service(public_state.clone()));
+                        // The watch sits under TLS: it sees the client's FIN or RST, and the
+                        // bytes it reads meanwhile are decrypted later, in order.
+                        let (stream, client) = Watched::new(stream, Vec::new());
+                        let (builder, service) = (
+                            builder.clone(),
+                            subscribe::service(public_state.clone(), client),
+                        );
                         let tls = tls.clone();
                         tokio::spawn(async move {
                             match tokio::time::timeout(timeout, tls.accept(stream)).await {
@@ -319,11 +328,8 @@ pub(crate) async fn serve<I, S>(
     mut close: watch::Receiver<bool>,
 ) where
     I: Read + Write + Unpin + Send + 'static,
-    S: hyper::service::Service<
-            Request<Incoming>,
-            Response = hyper::Response<crate::http::Body>,
-            Error = Infallible,
-        >,
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<crate::http::Body>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
 {
     let conn = builder.serve_connection(io, service);

@@ -5,6 +5,7 @@
 pub mod fast;
 pub mod internal;
 pub mod subscribe;
+pub mod watched;
 
 use bytes::Bytes;
 use http_body_util::Full;

@@ -1,7 +1,6 @@
 //! The public listener's one route, `GET /subscribe` (SPEC §2), and CORS for it.
 //! The `Authorization` header clients send along is never read or logged.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,11 +9,12 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tracing::debug;
 
+use super::watched::ClientWatch;
 use super::{Body, error, json};
 use crate::error::ApiError;
 use crate::hub::{Answer, Hub, PollRequest, PollStart};
 use crate::id::log_tag;
-use crate::metrics::outcome;
+use crate::metrics::{ParkedOn, outcome};
 
 /// Longest query string accepted (`400 bad_request` past it).
 pub const MAX_QUERY_LEN: usize = 4096;
@@ -94,22 +94,35 @@ pub fn answer_response(answer: Answer) -> Response<Body> {
     json(StatusCode::OK, answer_body(answer))
 }
 
-/// The public listener's hyper service.
+/// The public listener's hyper service for one connection; `client` watches that
+/// connection's client while a poll is parked.
 pub fn service(
     state: Arc<PublicState>,
+    client: ClientWatch,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
     Response = Response<Body>,
-    Error = Infallible,
+    Error = ClientGone,
     Future: Send,
 > + Send {
     hyper::service::service_fn(move |req: Request<Incoming>| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(req, &state).await) }
+        let (state, client) = (state.clone(), client.clone());
+        async move { handle(req, &state, &client).await }
     })
 }
 
-pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
+/// The client left while its poll was parked: there is no one to answer, and hyper closes
+/// the connection when a service fails.
+#[derive(Debug, thiserror::Error)]
+#[error("the client left while its poll was parked")]
+pub struct ClientGone;
+
+/// Answers one request; `Err` when the client left before its answer.
+pub async fn handle(
+    req: Request<Incoming>,
+    state: &PublicState,
+    client: &ClientWatch,
+) -> Result<Response<Body>, ClientGone> {
     state
         .hub
         .metrics()
@@ -117,7 +130,7 @@ pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Bod
         .with_label_values(&["hyper"])
         .inc();
     let origin = req.headers().get(header::ORIGIN).cloned();
-    let mut res = route(req, state).await;
+    let mut res = route(req, state, client).await?;
     state.cors.decorate(origin.as_ref(), res.headers_mut());
     if state.hub.is_draining() {
         // The server also asks hyper to close every connection when the drain starts, but
@@ -126,30 +139,40 @@ pub async fn handle(req: Request<Incoming>, state: &PublicState) -> Response<Bod
         res.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    res
+    Ok(res)
 }
 
-async fn route(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
+async fn route(
+    req: Request<Incoming>,
+    state: &PublicState,
+    client: &ClientWatch,
+) -> Result<Response<Body>, ClientGone> {
+    if let Err(e) = check_host(req.version(), req.headers()) {
+        state.hub.metrics().count_outcome(outcome::BAD_REQUEST);
+        return Ok(error(&e));
+    }
     if req.uri().path() != "/subscribe" {
-        return error(&ApiError::NotFound);
+        return Ok(error(&ApiError::NotFound));
     }
     match *req.method() {
         Method::GET => {}
-        Method::OPTIONS if state.cors.enabled() => return state.cors.preflight(req.headers()),
+        Method::OPTIONS if state.cors.enabled() => {
+            return Ok(state.cors.preflight(req.headers()));
+        }
         _ => {
             let allow = if state.cors.enabled() {
                 "GET, OPTIONS"
             } else {
                 "GET"
             };
-            return error(&ApiError::MethodNotAllowed { allow });
+            return Ok(error(&ApiError::MethodNotAllowed { allow }));
         }
     }
     let query = match parse_query(req.uri().query()) {
         Ok(q) => q,
         Err(message) => {
             state.hub.metrics().count_outcome(outcome::BAD_REQUEST);
-            return error(&ApiError::BadRequest(message));
+            return Ok(error(&ApiError::BadRequest(message)));
         }
     };
     // The request head is all we need: let go of it before parking.
@@ -158,17 +181,44 @@ async fn route(req: Request<Incoming>, state: &PublicState) -> Response<Body> {
         stream_position: query.stream_position,
         dont_block: query.dont_block,
     };
+    // The client's leaving is looked at first, for the reason given at the fast path's
+    // `watch_client`: an answer taken when the client has already gone would be lost;
+    // dropping the poll instead keeps its change pending.
     let answer = match state.hub.poll(&query.channel, poll) {
         PollStart::Answer(a) => a,
-        PollStart::Hold(held) => held.wait().await,
-        PollStart::Park(parked) => parked.wait().await,
-        PollStart::TooManyPolls => return error(&ApiError::TooManyPolls),
-        PollStart::OverCapacity => return error(&ApiError::OverCapacity),
+        PollStart::Hold(held) => tokio::select! {
+            biased;
+            _ = client.gone() => return Err(ClientGone),
+            a = held.wait() => a,
+        },
+        PollStart::Park(parked) => {
+            state.hub.metrics().count_parked(ParkedOn::Hyper);
+            tokio::select! {
+                biased;
+                _ = client.gone() => return Err(ClientGone),
+                a = parked.wait() => a,
+            }
+        }
+        PollStart::TooManyPolls => return Ok(error(&ApiError::TooManyPolls)),
+        PollStart::OverCapacity => return Ok(error(&ApiError::OverCapacity)),
     };
     // The id is the credential: its short hash only (evaluated only when debug is on).
     debug!(channel = %log_tag(&query.channel), answer = answer.as_str(), "poll answered");
-    answer_response(answer)
+    Ok(answer_response(answer))
 }
+
+/// RFC 9112 §3.2: an HTTP/1.1 request carries exactly one `Host` header (HTTP/1.0 needs
+/// none). Both listeners and both paths of the public one refuse it the same way.
+pub fn check_host(version: hyper::Version, headers: &HeaderMap) -> Result<(), ApiError> {
+    let hosts = headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && version == hyper::Version::HTTP_11) {
+        return Err(ApiError::BadRequest(HOST_RULE.into()));
+    }
+    Ok(())
+}
+
+/// What a request with no or several `Host` headers is told.
+pub const HOST_RULE: &str = "a request must carry exactly one Host header";
 
 /// `--cors-origin`: which browser origins may long-poll.
 #[derive(Clone, Debug, Default)]
@@ -185,8 +235,8 @@ impl Cors {
         !self.origins.is_empty()
     }
 
-    fn allows(&self, origin: &HeaderValue) -> bool {
-        let origin = origin.as_bytes();
+    /// Whether `origin` (an `Origin` header's bytes) may long-poll.
+    pub(crate) fn allows(&self, origin: &[u8]) -> bool {
         self.origins
             .iter()
             .any(|o| o == "*" || o.as_bytes() == origin)
@@ -198,7 +248,7 @@ impl Cors {
             return;
         }
         headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-        if let Some(origin) = origin.filter(|o| self.allows(o)) {
+        if let Some(origin) = origin.filter(|o| self.allows(o.as_bytes())) {
             headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
             // Not a CORS-safelisted response header: without this a page cannot read
             // how long to wait after `503 over_capacity`.
@@ -210,7 +260,10 @@ impl Cors {
     }
 
     fn preflight(&self, headers: &HeaderMap) -> Response<Body> {
-        let Some(origin) = headers.get(header::ORIGIN).filter(|o| self.allows(o)) else {
+        let Some(origin) = headers
+            .get(header::ORIGIN)
+            .filter(|o| self.allows(o.as_bytes()))
+        else {
             let mut res = json(
                 StatusCode::FORBIDDEN,
                 &br#"{"code":"origin_not_allowed","message":"this origin may not long-poll here"}"#

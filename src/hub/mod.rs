@@ -829,6 +829,17 @@ impl ParkedPoll {
         Poll::Pending
     }
 
+    /// The answer this poll got could not be written: its client is known to be gone. A
+    /// `new_change` goes back to the channel as its pending mark, for the client's next poll.
+    pub fn undelivered(&self, answer: Answer) {
+        if answer != Answer::NewChange {
+            return;
+        }
+        if let Some(ch) = self.hub.shard(self.id).lock().get_mut(&self.id) {
+            ch.pending.mark(None);
+        }
+    }
+
     fn settle(&mut self, delivery: Delivery) -> Answer {
         self.settled = true;
         self.hub.metrics.count_answer(delivery.answer);

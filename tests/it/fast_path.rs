@@ -174,11 +174,11 @@ async fn the_fast_path_answers_exactly_as_hyper_does() {
     )
     .await;
     let (a, eof) = {
-        let a = p.same("connection close", ids, &["GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\nConnection: close\r\n\r\n"], 1).await;
+        let a = p.same("connection close", ids, &["GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"], 1).await;
         let mut conn = TcpStream::connect(p.fast.public).await.unwrap();
         conn.write_all(
             format!(
-                "GET /subscribe?channel={}&dont_block=true HTTP/1.1\r\nConnection: close\r\n\r\n",
+                "GET /subscribe?channel={}&dont_block=true HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                 f.id
             )
             .as_bytes(),
@@ -190,6 +190,26 @@ async fn the_fast_path_answers_exactly_as_hyper_does() {
     };
     assert!(a.contains("connection: close\r\n"), "{a}");
     assert!(eof, "the fast path closes after Connection: close");
+    for (case, head) in [
+        (
+            "no Host",
+            "GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\n\r\n",
+        ),
+        (
+            "two Hosts",
+            "GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+        ),
+        (
+            "a fragment",
+            "GET /subscribe?dont_block=true&channel={C}#f HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "dont_block before a fragment",
+            "GET /subscribe?channel={C}&dont_block=true#f HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+    ] {
+        p.same(case, ids, &[head], 1).await;
+    }
     p.same(
         "split head",
         ids,
@@ -216,14 +236,14 @@ async fn the_fast_path_answers_exactly_as_hyper_does() {
     p.same(
         "get with a body",
         ids,
-        &["GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello"],
+        &["GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"],
         1,
     )
     .await;
     p.same(
         "expect",
         ids,
-        &["GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\nExpect: 100-continue\r\n\r\n"],
+        &["GET /subscribe?channel={C}&dont_block=true HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n"],
         1,
     )
     .await;

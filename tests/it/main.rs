@@ -9,6 +9,7 @@ mod internal;
 mod ops;
 mod process;
 mod public;
+mod queued;
 mod races;
 mod raw;
 mod semantics;
