@@ -2,7 +2,7 @@
 # Fuzzes nudge's parsers with cargo fuzz (libFuzzer), each target for a bounded time:
 #   bash scripts/fuzz.sh            # every target, 60 s each
 #   bash scripts/fuzz.sh 300 publish_body
-# Targets: subscribe_query, publish_body, register_body, fast_classify (fuzz/fuzz_targets/). Seeds come
+# Targets: subscribe_query, publish_body, register_body, fast_classify, both_paths (fuzz/fuzz_targets/). Seeds come
 # from fuzz/corpus/<target>/ (committed) and are never written to; what libFuzzer finds goes
 # to fuzz/target/work-corpus/<target>/. A crash leaves its input in fuzz/artifacts/<target>/:
 # fix it, copy the input to fuzz/regressions/<target>/ (replayed by `cargo test`, see
@@ -17,7 +17,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(subscribe_query publish_body register_body fast_classify)
+    targets=(subscribe_query publish_body register_body fast_classify both_paths)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -5,6 +5,7 @@ mod binary;
 mod bus;
 mod fast_path;
 mod fuzz_corpus;
+mod head_grammar;
 mod internal;
 mod ops;
 mod process;
