@@ -35,6 +35,19 @@ impl Conn {
         })
     }
 
+    /// Leaves mid-poll as a careless or hostile client does (README, Reliability): first
+    /// `trailer` (bytes queued behind the parked poll: a pipelined request, a stray CRLF),
+    /// then a FIN, or an RST when `reset`. nudge must see it go all the same.
+    pub async fn leave(mut self, trailer: &[u8], reset: bool) {
+        if !trailer.is_empty() {
+            let _ = self.stream.write_all(trailer).await;
+        }
+        if reset {
+            let _ =
+                socket2::SockRef::from(&self.stream).set_linger(Some(std::time::Duration::ZERO));
+        }
+    }
+
     pub async fn send(&mut self, request: &[u8]) -> io::Result<()> {
         self.stream.write_all(request).await
     }

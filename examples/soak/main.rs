@@ -205,6 +205,8 @@ struct Figures {
     max_retries: AtomicU64,
     cancelled: AtomicU64,
     answered_at_cancel: AtomicU64,
+    /// Cancelled polls whose client left with bytes queued behind them, or by RST.
+    left_with_bytes_or_reset: AtomicU64,
     too_many_polls: AtomicU64,
     over_capacity: AtomicU64,
     transport_errors: AtomicU64,
@@ -362,6 +364,39 @@ enum Life {
     Visitor(Duration),
 }
 
+/// How a client that gives up on a parked poll leaves (issue 11.1): with nothing, or with
+/// bytes queued behind the poll, or having announced a body it never finished; by FIN or RST.
+#[derive(Clone, Copy)]
+struct Leaving {
+    trailer: &'static [u8],
+    /// The poll announced `Content-Length: 2` and sent one byte: its connection is never
+    /// reused, even when the answer came first.
+    partial_body: bool,
+    reset: bool,
+}
+
+impl Leaving {
+    const PLAIN: Leaving = Leaving {
+        trailer: b"",
+        partial_body: false,
+        reset: false,
+    };
+
+    fn pick(rng: &mut fastrand::Rng) -> Leaving {
+        const TRAILERS: [&[u8]; 4] = [
+            b"",
+            b"\r\n",
+            b"x",
+            b"GET /subscribe?channel=pipelined HTTP/1.1\r\nHost: soak\r\n\r\n",
+        ];
+        Leaving {
+            trailer: TRAILERS[rng.usize(..TRAILERS.len())],
+            partial_body: rng.u8(..) < 40,
+            reset: rng.bool(),
+        }
+    }
+}
+
 enum PollEnd {
     Answer(String),
     Status(u16),
@@ -391,14 +426,30 @@ async fn client(ctx: Arc<Ctx>, slot: usize, life: Life, mut rng: fastrand::Rng) 
                 Kind::Mark if rng.bool() => "&stream_position=now".to_owned(),
                 Kind::Mark => String::new(),
             };
-            let request = format!(
-                "GET {}{position} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer soak-api-token-{slot}\r\nUser-Agent: nudge-soak\r\n\r\n",
-                channel.target, channel.node.public
-            );
             let cancel_after =
                 (rng.f64() < a.cancel_prob).then(|| park_max.mul_f64(0.05 + 0.9 * rng.f64()));
-            let (end, sent) =
-                poll_once(&ctx, &mut conn, channel.node.public, &request, cancel_after).await;
+            // Half the clients that will give up leave with bytes behind their poll.
+            let leaving = match cancel_after {
+                Some(_) if rng.bool() => Leaving::pick(&mut rng),
+                _ => Leaving::PLAIN,
+            };
+            let body = if leaving.partial_body {
+                "Content-Length: 2\r\n\r\na"
+            } else {
+                "\r\n"
+            };
+            let request = format!(
+                "GET {}{position} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer soak-api-token-{slot}\r\nUser-Agent: nudge-soak\r\n{body}",
+                channel.target, channel.node.public
+            );
+            let (end, sent) = poll_once(
+                &ctx,
+                &mut conn,
+                channel.node.public,
+                &request,
+                cancel_after.map(|after| (after, leaving)),
+            )
+            .await;
             if first_poll {
                 first_poll = false;
                 if matches!(life, Life::Visitor(_)) {
@@ -495,8 +546,10 @@ async fn poll_once(
     conn: &mut Option<Conn>,
     addr: SocketAddr,
     request: &str,
-    cancel_after: Option<Duration>,
+    cancel: Option<(Duration, Leaving)>,
 ) -> (PollEnd, Instant) {
+    let (cancel_after, leaving) = cancel.unzip();
+    let leaving = leaving.unwrap_or(Leaving::PLAIN);
     let mut c = match conn.take() {
         Some(c) => c,
         None => match Conn::connect(addr).await {
@@ -524,10 +577,16 @@ async fn poll_once(
                 inc(&ctx.figures.answered_at_cancel);
                 r
             }
-            None => return (PollEnd::Cancelled, sent), // `c` dropped: the socket closes
+            None => {
+                if !leaving.trailer.is_empty() || leaving.partial_body || leaving.reset {
+                    inc(&ctx.figures.left_with_bytes_or_reset);
+                }
+                c.leave(leaving.trailer, leaving.reset).await;
+                return (PollEnd::Cancelled, sent);
+            }
         },
     };
-    if !res.close {
+    if !res.close && !leaving.partial_body {
         *conn = Some(c);
     }
     if res.status != 200 {
@@ -1298,12 +1357,13 @@ async fn run(args: Args) -> Result<bool, String> {
         args.max_retries
     );
     println!(
-        "  polls        {:>9}  (nudge's running processes counted {node_polls}): new_change {}, reconnect {}, max_retries {}, cancelled mid-park {} (+{} answered just before), 429 {}, 503 {}",
+        "  polls        {:>9}  (nudge's running processes counted {node_polls}): new_change {}, reconnect {}, max_retries {}, cancelled mid-park {} ({} of them leaving bytes queued or by RST; +{} answered just before), 429 {}, 503 {}",
         g(&f.polls),
         g(&f.new_change),
         g(&f.reconnect),
         g(&f.max_retries),
         g(&f.cancelled),
+        g(&f.left_with_bytes_or_reset),
         g(&f.answered_at_cancel),
         g(&f.too_many_polls),
         g(&f.over_capacity)

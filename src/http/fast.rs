@@ -389,7 +389,7 @@ impl FastPath {
                     }
                 }
             };
-            if !self.write(&stream, reply, parked, &framing).await {
+            if !self.write(&stream, reply, parked.as_ref(), &framing).await {
                 return;
             }
         }
@@ -402,7 +402,7 @@ impl FastPath {
         &self,
         stream: &TcpStream,
         reply: Reply,
-        parked: Option<ParkedPoll>,
+        parked: Option<&ParkedPoll>,
         framing: &Framing,
     ) -> bool {
         let close_after = framing.close_requested || self.state.hub.is_draining();
@@ -411,8 +411,13 @@ impl FastPath {
             .cors
             .enabled()
             .then_some(framing.origin.as_deref());
-        let written = write_reply(stream, self.prebuilt(reply), cors, close_after).await;
-        if let (Err(_), Reply::Answer(answer), Some(parked)) = (&written, reply, &parked) {
+        let written = match try_write_reply(stream, self.prebuilt(reply), cors, close_after) {
+            Ok(None) => Ok(()),
+            // Rare (a full socket buffer): boxed, so that no parked poll pays for it.
+            Ok(Some(rest)) => Box::pin(write_rest(stream, rest)).await,
+            Err(e) => Err(e),
+        };
+        if let (Err(_), Reply::Answer(answer), Some(parked)) = (&written, reply, parked) {
             parked.undelivered(answer);
         }
         written.is_ok() && !close_after
@@ -451,7 +456,8 @@ impl FastPath {
         framing: Framing,
         (stream, queued, close): (TcpStream, Vec<u8>, watch::Receiver<bool>),
     ) {
-        if self.write(&stream, reply, parked, &framing).await {
+        if self.write(&stream, reply, parked.as_ref(), &framing).await {
+            drop(parked);
             self.hand_to_hyper(stream, queued, close).await;
         }
     }
@@ -593,14 +599,15 @@ async fn wait_parked(stream: &TcpStream, parked: &mut ParkedPoll) -> Waited {
     .await
 }
 
-/// Writes a prebuilt answer: one `try_write` from a per-thread buffer in the common case.
-async fn write_reply(
+/// Writes a prebuilt answer with one `try_write` from a per-thread buffer; what the socket
+/// did not take is returned, for [`write_rest`].
+fn try_write_reply(
     stream: &TcpStream,
     reply: &Prebuilt,
     cors: Option<Option<&[u8]>>,
     close: bool,
-) -> io::Result<()> {
-    let rest = OUT.with_borrow_mut(|out| -> io::Result<Option<Vec<u8>>> {
+) -> io::Result<Option<Vec<u8>>> {
+    OUT.with_borrow_mut(|out| {
         out.clear();
         reply.write_to(cors, close, out);
         match stream.try_write(out) {
@@ -609,8 +616,11 @@ async fn write_reply(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(out.clone())),
             Err(e) => Err(e),
         }
-    })?;
-    let Some(mut rest) = rest else { return Ok(()) };
+    })
+}
+
+/// Writes what [`try_write_reply`] could not.
+async fn write_rest(stream: &TcpStream, mut rest: Vec<u8>) -> io::Result<()> {
     while !rest.is_empty() {
         stream.writable().await?;
         match stream.try_write(&rest) {
