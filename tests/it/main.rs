@@ -3,6 +3,7 @@
 mod bad_input;
 mod binary;
 mod bus;
+mod fast_clients;
 mod fast_path;
 mod fuzz_corpus;
 mod head_grammar;
