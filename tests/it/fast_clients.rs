@@ -23,7 +23,10 @@ async fn parked_on(s: &TestServer, path: &str) -> f64 {
 async fn browser_and_sdk_polls_park_on_the_fast_path_whatever_headers_they_carry() {
     let s = TestServer::with(|c| c.cors_origins = vec![ORIGIN.into()]).await;
     let ch = s.register_topic("clients").await;
-    let target = ch.url.strip_prefix(&format!("http://{}", s.public)).unwrap();
+    let target = ch
+        .url
+        .strip_prefix(&format!("http://{}", s.public))
+        .unwrap();
     let browser = format!(
         "Origin: {ORIGIN}\r\nSec-Fetch-Site: cross-site\r\nSec-Fetch-Mode: cors\r\nAccept: */*\r\nAccept-Language: en\r\nUser-Agent: Mozilla/5.0\r\nConnection: keep-alive\r\n"
     );

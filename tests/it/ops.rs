@@ -413,13 +413,13 @@ async fn cors_star_allows_any_origin_and_no_flag_means_no_cors() {
 // ---- TLS --------------------------------------------------------------------------------
 
 /// A certificate for 127.0.0.1 and localhost, made here, written as PEM files.
-struct TestCert {
+pub(crate) struct TestCert {
     dir: TempDir,
     der: rustls::pki_types::CertificateDer<'static>,
 }
 
 impl TestCert {
-    fn new() -> TestCert {
+    pub(crate) fn new() -> TestCert {
         let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()])
             .unwrap();
         let dir = TempDir::new("tls");
@@ -431,7 +431,7 @@ impl TestCert {
         }
     }
 
-    fn files(&self) -> TlsFiles {
+    pub(crate) fn files(&self) -> TlsFiles {
         TlsFiles {
             cert: self.dir.path().join("cert.pem"),
             key: self.dir.path().join("key.pem"),
@@ -439,7 +439,7 @@ impl TestCert {
     }
 
     /// A TLS client that trusts this certificate only.
-    fn connector(&self) -> tokio_rustls::TlsConnector {
+    pub(crate) fn connector(&self) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.der.clone()).unwrap();
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(

@@ -203,3 +203,59 @@ async fn a_flood_behind_a_parked_poll_closes_the_connection_and_keeps_the_change
         s.stop().await;
     }
 }
+
+/// TLS connections are served by hyper over the same watch, which sits under TLS: bytes the
+/// client queues inside TLS are read raw and decrypted later, and its FIN or RST is seen.
+#[tokio::test]
+async fn over_tls_a_client_that_leaves_behind_queued_bytes_is_seen_too() {
+    use nudge::hub::{Answer, PollRequest, PollStart};
+    use tokio_rustls::rustls::pki_types::ServerName;
+    let cert = crate::ops::TestCert::new();
+    let s = TestServer::with(|c| c.tls = Some(cert.files())).await;
+    for trailer in [Trailer::Pipelined, Trailer::Crlf] {
+        for how in [Leave::Fin, Leave::Rst] {
+            let case = format!("TLS, {trailer:?}, {how:?}");
+            let ch = s.register_topic("tls").await;
+            let path = ch
+                .url
+                .strip_prefix(&format!("https://{}", s.public))
+                .unwrap();
+            let tcp = TcpStream::connect(s.public).await.unwrap();
+            let name = ServerName::try_from("127.0.0.1").unwrap();
+            let mut tls = cert.connector().connect(name, tcp).await.unwrap();
+            tls.write_all(raw::get(path, "").as_bytes()).await.unwrap();
+            s.wait_parked(1).await;
+            let behind = match trailer {
+                Trailer::Pipelined => raw::get(path, ""),
+                _ => "\r\n".into(),
+            };
+            tls.write_all(behind.as_bytes()).await.unwrap();
+            tls.flush().await.unwrap();
+            let (tcp, _) = tls.into_inner();
+            leave(tcp, how);
+            let hub = s.hub.clone();
+            eventually(
+                &format!("{case}: the poll is freed"),
+                Duration::from_secs(3),
+                || {
+                    let hub = hub.clone();
+                    async move { hub.counts().parked == 0 }
+                },
+            )
+            .await;
+            assert_eq!(s.publish(json!({"topic": "tls"})).await, (1, 0), "{case}");
+            let next = PollRequest {
+                dont_block: true,
+                ..Default::default()
+            };
+            assert!(
+                matches!(
+                    s.hub.poll(&ch.id, next),
+                    PollStart::Answer(Answer::NewChange)
+                ),
+                "{case}: the change waits for the next poll"
+            );
+        }
+    }
+    s.stop().await;
+}
