@@ -9,12 +9,15 @@
 //!   loops of requests and of short connections.
 //! - `nchan`: finding or installing nginx + Nchan, and its configuration under a temp prefix.
 //! - `server`: start, count, register, publish, stop — for nudge and for Nchan alike.
+//! - `floor`: the floor, a bare tokio long-poll server every figure is also held against.
 //! - `runs`: one measured run on a fresh server.
 //! - `report`: medians, the Markdown table, the targets, the JSON.
 //!
 //! Each measurement is repeated, alternating the servers (the order rotates each repeat), and
 //! the report gives medians. Every wait is on something observable, with a deadline.
 
+#[path = "longpoll/floor.rs"]
+mod floor;
 #[path = "longpoll/http.rs"]
 mod http;
 #[path = "longpoll/load.rs"]
@@ -132,11 +135,12 @@ impl Settings {
         ns.dedup();
         let servers = env_list(
             "NUDGE_BENCH_SERVERS",
-            mode.pick("nudge,nchan1,nchan2", "nudge,nchan1", "nudge"),
+            mode.pick("nudge,floor,nchan1,nchan2", "nudge,floor,nchan1", "nudge"),
         )
         .iter()
         .map(|s| match s.as_str() {
             "nudge" => Kind::Nudge,
+            "floor" => Kind::Floor,
             other => match other
                 .strip_prefix("nchan")
                 .map(|w| w.trim_end_matches('w').parse::<u32>())
@@ -144,7 +148,7 @@ impl Settings {
                 Some(Ok(workers)) if workers >= 1 => Kind::Nchan { workers },
                 _ => {
                     eprintln!(
-                        "bench: NUDGE_BENCH_SERVERS: {other} is none of nudge, nchan1, nchan2, …"
+                        "bench: NUDGE_BENCH_SERVERS: {other} is none of nudge, floor, nchan1, nchan2, …"
                     );
                     std::process::exit(64)
                 }
@@ -225,6 +229,10 @@ fn command_line() -> String {
 }
 
 fn main() {
+    // The floor runs as this executable, in a process of its own (see `floor`).
+    if std::env::var_os(floor::SERVE_ENV).is_some() {
+        floor::serve();
+    }
     let mut settings = Settings::from_env();
     // 18,000 client sockets need more than a default soft limit of 1,024 open files; the hard
     // limit (20,000 here) is enough, since the server under test is another process.
@@ -258,7 +266,7 @@ async fn run(settings: &mut Settings) -> i32 {
     }
     let mut errors: Vec<String> = Vec::new();
     let mut nginx_version = None;
-    if settings.servers.iter().any(|k| !k.is_nudge()) {
+    if settings.servers.iter().any(|k| k.is_nchan()) {
         match nchan::find_or_install(settings.nchan_install) {
             Ok(install) => {
                 nginx_version = Some(nchan::version(&install));
@@ -267,7 +275,7 @@ async fn run(settings: &mut Settings) -> i32 {
             Err(error) => {
                 eprintln!("bench: Nchan left out: {error}");
                 errors.push(format!("nchan: {error}"));
-                settings.servers.retain(|k| k.is_nudge());
+                settings.servers.retain(|k| !k.is_nchan());
             }
         }
     }
@@ -332,7 +340,8 @@ async fn run(settings: &mut Settings) -> i32 {
     if settings.rates {
         for repeat in 0..settings.repeat {
             for kind in rotated(&settings.servers, repeat) {
-                if broken.contains(&kind) {
+                // The floor parks and wakes; it has no publish path worth a rate.
+                if broken.contains(&kind) || kind == Kind::Floor {
                     continue;
                 }
                 let label = format!("{} rates #{}", kind.name(), repeat + 1);

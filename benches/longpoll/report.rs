@@ -266,6 +266,9 @@ impl Results<'_> {
             return out;
         };
         let nudge = "nudge";
+        if self.servers.iter().any(|s| s == "floor") {
+            out.extend(self.floor_targets(n_min, n_max));
+        }
         let Some(nchan) = self.servers.iter().find(|s| s.starts_with("nchan")) else {
             return out;
         };
@@ -370,8 +373,73 @@ impl Results<'_> {
         out
     }
 
-    /// The table as Markdown: one column per server, and after each Nchan column the ratio
-    /// nudge / that column.
+    /// The targets against the floor (issue 14), measured in the same run with the same
+    /// client: what nudge costs beyond the least a tokio long-poll server can.
+    fn floor_targets(&self, n_min: usize, n_max: usize) -> Vec<(String, Option<bool>)> {
+        let mut out = Vec::new();
+        let mut judge = |what: String, limit: f64, unit: &str, a: Option<f64>, b: Option<f64>| {
+            out.push(match (a, b) {
+                (Some(a), Some(b)) if b > 0.0 => (
+                    format!(
+                        "{what} ≤ {limit} × floor: {a:.1} {unit} vs {b:.1} {unit} (ratio {:.2})",
+                        a / b
+                    ),
+                    Some(a <= limit * b),
+                ),
+                _ => (format!("{what} ≤ {limit} × floor: not measured"), None),
+            })
+        };
+        let wake = |s: &str, scenario, f: fn(&crate::runs::Wake) -> f64| {
+            self.park_median(s, scenario, n_max, |r| r.wake.as_ref().map(f))
+        };
+        let p99 = |w: &crate::runs::Wake| w.p99_ms;
+        let cpu_per_answer = |w: &crate::runs::Wake| 1000.0 * w.server_cpu_ms / w.answered as f64;
+        for (label, scenario) in [
+            ("one topic", Scenario::OneTopic),
+            ("a channel per poll", Scenario::OneTopicChannelEach),
+        ] {
+            judge(
+                format!("wake p99, one publish to {n_max} parked ({label})"),
+                1.15,
+                "ms",
+                wake("nudge", scenario, p99),
+                wake("floor", scenario, p99),
+            );
+            judge(
+                format!("server CPU per answer ({label})"),
+                1.15,
+                "µs",
+                wake("nudge", scenario, cpu_per_answer),
+                wake("floor", scenario, cpu_per_answer),
+            );
+        }
+        judge(
+            format!("wake p99, {n_max} topics of one poll each"),
+            1.15,
+            "ms",
+            wake("nudge", Scenario::NTopics, p99),
+            wake("floor", Scenario::NTopics, p99),
+        );
+        let per_poll = |s: &str| {
+            let scenario = Scenario::OneTopicChannelEach;
+            if n_max > n_min {
+                self.slope(s, scenario, n_min, n_max, false)
+            } else {
+                self.park_median(s, scenario, n_max, |r| Some(r.pss_bytes_per_poll()))
+            }
+        };
+        judge(
+            "userspace per parked poll, a channel per poll".to_owned(),
+            1.1,
+            "B",
+            per_poll("nudge"),
+            per_poll("floor"),
+        );
+        out
+    }
+
+    /// The table as Markdown: one column per server, and after each other server's column
+    /// (the floor's, Nchan's) the ratio nudge / that column.
     pub fn table(&self) -> String {
         let nudge_col = self.servers.iter().position(|s| s == "nudge");
         let mut header = vec!["measurement".to_owned(), "unit".to_owned()];

@@ -161,7 +161,9 @@ pub async fn park_run(
     let mut server = Server::start(kind, &settings.binaries).await?;
     let result = park_run_on(&mut server, scenario, n, repeat, measure_cpu, settings).await;
     let result = result.map_err(|e| match kind {
-        Kind::Nudge => format!("{e}\n  nudge's log ends:\n{}", server.log_tail()),
+        Kind::Nudge | Kind::Floor => {
+            format!("{e}\n  {}'s log ends:\n{}", kind.name(), server.log_tail())
+        }
         Kind::Nchan { .. } => e,
     });
     server.stop().await;

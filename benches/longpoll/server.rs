@@ -26,19 +26,28 @@ use crate::procfs;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Nudge,
-    Nchan { workers: u32 },
+    /// The floor (`floor.rs`): driven through the same internal API as nudge.
+    Floor,
+    Nchan {
+        workers: u32,
+    },
 }
 
 impl Kind {
     pub fn name(self) -> String {
         match self {
             Kind::Nudge => "nudge".to_owned(),
+            Kind::Floor => "floor".to_owned(),
             Kind::Nchan { workers } => format!("nchan-{workers}w"),
         }
     }
 
     pub fn is_nudge(self) -> bool {
         self == Kind::Nudge
+    }
+
+    pub fn is_nchan(self) -> bool {
+        matches!(self, Kind::Nchan { .. })
     }
 }
 
@@ -118,6 +127,7 @@ impl Server {
     pub async fn start(kind: Kind, binaries: &Binaries) -> Result<Server, String> {
         match kind {
             Kind::Nudge => Server::start_nudge(&binaries.nudge).await,
+            Kind::Floor => Server::start_floor().await,
             Kind::Nchan { workers } => {
                 let install = binaries.nchan.as_ref().ok_or("Nchan is not installed")?;
                 Server::start_nchan(install, workers).await
@@ -125,8 +135,16 @@ impl Server {
         }
     }
 
+    async fn start_floor() -> Result<Server, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("the bench's own path: {e}"))?;
+        let mut command = Command::new(exe);
+        command.env(crate::floor::SERVE_ENV, "1");
+        Server::start_logging(Kind::Floor, command).await
+    }
+
     async fn start_nudge(binary: &PathBuf) -> Result<Server, String> {
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .args([
                 "--listen",
                 "127.0.0.1:0",
@@ -142,12 +160,20 @@ impl Server {
                 "100000",
             ])
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
+            .env("NO_COLOR", "1");
+        Server::start_logging(Kind::Nudge, command).await
+    }
+
+    /// Starts nudge or the floor, which both log `listening public=ADDR` and
+    /// `listening internal=ADDR` on stderr.
+    async fn start_logging(kind: Kind, mut command: Command) -> Result<Server, String> {
+        let name = kind.name();
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
         let stderr = child.stderr.take().expect("piped");
         let log_tail = Arc::new(Mutex::new(VecDeque::new()));
         let (found_tx, found_rx) = std::sync::mpsc::channel();
@@ -182,7 +208,7 @@ impl Server {
                     let tail = log_tail.lock().expect("log tail");
                     let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
                     return Err(format!(
-                        "nudge did not log both listening addresses within 10 s; its log ends:\n  {}",
+                        "{name} did not log both listening addresses within 10 s; its log ends:\n  {}",
                         tail.join("\n  ")
                     ));
                 }
@@ -190,7 +216,7 @@ impl Server {
         }
         let internal = internal.expect("found");
         Ok(Server {
-            kind: Kind::Nudge,
+            kind,
             child,
             public: public.expect("found"),
             internal,
@@ -248,7 +274,7 @@ impl Server {
     pub fn pids(&self) -> Vec<u32> {
         let master = self.child.id();
         let mut pids = vec![master];
-        if !self.kind.is_nudge() {
+        if self.kind.is_nchan() {
             pids.extend(procfs::children(master));
         }
         pids
@@ -257,7 +283,7 @@ impl Server {
     /// Polls parked right now, as the server itself counts them.
     pub async fn parked(&mut self) -> Result<usize, String> {
         let (path, name) = match self.kind {
-            Kind::Nudge => ("/metrics", "nudge_parked_polls"),
+            Kind::Nudge | Kind::Floor => ("/metrics", "nudge_parked_polls"),
             Kind::Nchan { .. } => ("/status", "subscribers:"),
         };
         let text = self.get_text(path).await?;
@@ -325,7 +351,7 @@ impl Server {
     /// The subscribe path of the warm-up polls (one channel on [`WARM_TOPIC`]).
     pub async fn warm_paths(&mut self) -> Result<Arc<Vec<String>>, String> {
         let paths = match self.kind {
-            Kind::Nudge => self.register(|_| WARM_TOPIC.to_owned(), 1).await?,
+            Kind::Nudge | Kind::Floor => self.register(|_| WARM_TOPIC.to_owned(), 1).await?,
             Kind::Nchan { .. } => vec![format!("/sub?channel={WARM_TOPIC}")],
         };
         Ok(Arc::new(paths))
@@ -339,11 +365,13 @@ impl Server {
         n: usize,
     ) -> Result<Arc<Vec<String>>, String> {
         let paths = match (self.kind, scenario) {
-            (Kind::Nudge, Scenario::OneTopic) => self.register(|_| FAN_TOPIC.to_owned(), 1).await?,
-            (Kind::Nudge, Scenario::OneTopicChannelEach) => {
+            (Kind::Nudge | Kind::Floor, Scenario::OneTopic) => {
+                self.register(|_| FAN_TOPIC.to_owned(), 1).await?
+            }
+            (Kind::Nudge | Kind::Floor, Scenario::OneTopicChannelEach) => {
                 self.register(|_| FAN_TOPIC.to_owned(), n).await?
             }
-            (Kind::Nudge, Scenario::NTopics) => self.register(topic_name, n).await?,
+            (Kind::Nudge | Kind::Floor, Scenario::NTopics) => self.register(topic_name, n).await?,
             (Kind::Nchan { .. }, Scenario::OneTopic) => vec![format!("/sub?channel={FAN_TOPIC}")],
             (Kind::Nchan { .. }, Scenario::OneTopicChannelEach) => (0..n)
                 .map(|i| format!("/sub_multi?channel={FAN_TOPIC}&own=c{i}"))
@@ -381,7 +409,7 @@ impl Server {
     /// One publish to `topic`; returns when the server has answered it.
     pub async fn publish(&mut self, topic: &str) -> Result<(), String> {
         let (path, content_type, body) = match self.kind {
-            Kind::Nudge => (
+            Kind::Nudge | Kind::Floor => (
                 "/v1/publish".to_owned(),
                 "application/json",
                 format!(r#"{{"topic":"{topic}"}}"#).into_bytes(),
@@ -412,7 +440,7 @@ impl Server {
     /// over several keep-alive connections at once.
     pub async fn publish_many(&mut self, topics: &[String]) -> Result<(), String> {
         match self.kind {
-            Kind::Nudge => {
+            Kind::Nudge | Kind::Floor => {
                 let mut lines = topics.iter().map(|t| format!("{{\"topic\":\"{t}\"}}\n"));
                 let mut body = String::new();
                 loop {
@@ -479,7 +507,7 @@ impl Server {
     pub fn throughput_request(kind: Kind, i: usize) -> crate::load::Request {
         let topic = format!("idle{}", i % 1000);
         match kind {
-            Kind::Nudge => (
+            Kind::Nudge | Kind::Floor => (
                 "/v1/publish".to_owned(),
                 Some("application/json"),
                 format!(r#"{{"topic":"{topic}"}}"#).into_bytes(),
@@ -510,7 +538,7 @@ impl Server {
     /// one (`nchan_subscriber_first_message oldest`), answered with it at once.
     pub async fn immediate_path(&mut self) -> Result<String, String> {
         match self.kind {
-            Kind::Nudge => {
+            Kind::Nudge | Kind::Floor => {
                 let path = self.register(|_| "accept".to_owned(), 1).await?.remove(0);
                 Ok(format!("{path}&dont_block=true"))
             }
@@ -526,7 +554,7 @@ impl Server {
         let pids = self.pids();
         match self.kind {
             // nudge holds nothing worth a graceful drain here; its clients are already gone.
-            Kind::Nudge => {
+            Kind::Nudge | Kind::Floor => {
                 let _ = self.child.kill();
             }
             // SIGTERM is nginx's fast shutdown. Its workers do not die with a killed master, so
