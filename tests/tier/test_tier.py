@@ -352,6 +352,13 @@ def publish(t, n=1, timeout=60):
     t.check_exactly_once()
 
 
+def worst_polls_per_second(t):
+    """The most polls nginx received in any one second (its access log has whole seconds)."""
+    log = (t.tmp / "nginx" / "logs" / "access.log").read_text()
+    seconds = re.findall(r"\[([^\]]+)\] \"GET /subscribe\"", log)
+    return max((seconds.count(s) for s in set(seconds)), default=0)
+
+
 def busiest(t):
     return max((n for n in t.nodes if n.proc), key=lambda n: n.metric("nudge_parked_polls"))
 
@@ -416,6 +423,8 @@ def test_sdks_node_drained_and_restarted(tier):
     publish(tier, 2, timeout=90)  # reaches the clients whose node is gone once they re-register
     tier.restart(node)
     publish(tier, 2, timeout=90)
+    # No hot loop from any client (three of them; nginx holds a channel to 2 polls/s).
+    assert worst_polls_per_second(tier) <= 12, worst_polls_per_second(tier)
 
 
 def test_sdks_node_killed(tier):
@@ -424,3 +433,4 @@ def test_sdks_node_killed(tier):
     publish(tier, 2)
     busiest(tier).stop(signal.SIGKILL)
     publish(tier, 3, timeout=90)
+    assert worst_polls_per_second(tier) <= 12, worst_polls_per_second(tier)
