@@ -162,7 +162,7 @@ dashboard_queries() {
 nginx_test() {
     local dir=$WORK/nginx
     mkdir -p "$dir/logs" "$dir/tmp"
-    sed -e 's/server node[0-9]*:8080;/server 127.0.0.1:8080;/' \
+    sed -e 's/server node[0-9]*:808[01];/server 127.0.0.1:8080;/' \
         -e "s#/var/log/nginx#$dir/logs#g" \
         -e "s#^http {#http {\n    client_body_temp_path $dir/tmp/body; proxy_temp_path $dir/tmp/proxy; fastcgi_temp_path $dir/tmp/fastcgi; uwsgi_temp_path $dir/tmp/uwsgi; scgi_temp_path $dir/tmp/scgi;#" \
         deploy/compose/nginx.conf >"$dir/nginx.conf"

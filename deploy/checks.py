@@ -462,7 +462,7 @@ def compose():
     doc = yaml.safe_load(path.read_text())
     services = doc["services"]
     nodes = {n: s for n, s in services.items() if s.get("image", "").startswith("nudge")}
-    check(len(nodes) == 2, f"{path}: expected two nudge nodes, found {sorted(nodes)}")
+    check(len(nodes) == 3, f"{path}: expected three nudge nodes, found {sorted(nodes)}")
     for name in ("redis", "nginx", "prometheus"):
         check(name in services, f"{path}: no {name} service")
     nginx = (DEPLOY / "compose/nginx.conf").read_text()

@@ -9,10 +9,15 @@ step() { printf '\n== %s\n' "$*"; }
 
 # What the tests start for real, from Debian's packages: redis-server (the bus tests in
 # tests/it/bus.rs start their own on free ports), promtool and the Prometheus server (the
-# metrics tests in tests/it/ops.rs check a real scrape and have Prometheus scrape a node).
+# metrics tests in tests/it/ops.rs check a real scrape and have Prometheus scrape a node),
+# nginx (the tier in tests/tier/ runs deploy/compose/nginx.conf), chromium (tests/browser/
+# loads nudge.js in it, headless) and nodejs (nudge.js's own tests, the Node Box SDKs).
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 { command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; } || missing+=(prometheus)
+{ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || missing+=(nginx)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "scripts/test.sh: the tests need ${missing[*]} (Debian packages); run as root once to install them" >&2
@@ -36,7 +41,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     # On a booted systemd the packages also enabled their services for the next boot: here
     # they are test tools, not services.
     if [ -d /run/systemd/system ]; then
-        systemctl disable --quiet prometheus redis-server 2>/dev/null || true
+        systemctl disable --quiet prometheus redis-server nginx 2>/dev/null || true
     fi
     if [ "$rc" -ne 0 ]; then
         echo "scripts/test.sh: apt-get install ${missing[*]} failed" >&2
@@ -60,6 +65,18 @@ if [ -f tests/sdk/run.sh ]; then
     # The debug binary `cargo test` just built serves these tests as well as a release one,
     # and saves CI a second full build.
     NUDGE_BIN="$PWD/target/debug/nudge" bash tests/sdk/run.sh
+fi
+
+step "nudge.js: its logic under node:test (clients/js/test)"
+node --test clients/js/test/
+
+step "nudge.js in headless Chromium against a node with --cors-origin (tests/browser)"
+NUDGE_BIN="$PWD/target/debug/nudge" node --test tests/browser/
+
+if [ -x tests/sdk/.venv/bin/python ]; then
+    step "the tier for real: nginx with deploy/compose/nginx.conf, three nodes, Redis, the Box SDKs (tests/tier)"
+    # Reuses the SDK suite's venv and clients, which tests/sdk/run.sh just installed.
+    (cd tests/tier && NUDGE_BIN="$PWD/../../target/debug/nudge" ../sdk/.venv/bin/python -m pytest -q -p no:cacheprovider test_tier.py)
 fi
 
 if [ -f deploy/check.sh ]; then
