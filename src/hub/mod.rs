@@ -710,6 +710,7 @@ impl Hub {
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
             expired.extend(shard.extract_if(|_, ch| ch.idle_deadline.is_some_and(|d| d <= now)));
+            shrink_if_sparse(&mut shard);
         }
         let n = expired.len();
         for (id, ch) in expired {
@@ -784,6 +785,16 @@ async fn answer_spread(
 
 /// The time a poll stays parked (SPEC §3): `retry_timeout` minus a grace of
 /// `min(10 s, retry_timeout / 10)`, minus a random jitter of up to 10 % of that.
+/// Gives memory back after a burst: a HashMap keeps its largest capacity once emptied, so
+/// the sweep halves the slack of a map that is less than a quarter full.
+pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
 /// How many held polls of not-live ids the node takes at once: 1/8 of `max_parked` (at
 /// least 1), so that made-up ids cannot crowd out polls of real channels.
 pub fn held_share(max_parked: usize) -> usize {
