@@ -453,12 +453,25 @@ impl Hub {
             NotLiveAnswer::MaxRetries => self.answer_now(Answer::MaxRetries),
             NotLiveAnswer::Hold if self.is_draining() => self.answer_now(Answer::Reconnect),
             NotLiveAnswer::Hold => {
+                // Holding needs no id at all, so held polls may take only a share of
+                // `max_parked` (real channels always find room); past it the id is answered
+                // `max_retries` at once, which tells an SDK to stop, not to loop.
+                let share = held_share(self.config.max_parked) as i64;
+                if self
+                    .held
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                        (h < share).then_some(h + 1)
+                    })
+                    .is_err()
+                {
+                    return self.answer_now(Answer::MaxRetries);
+                }
                 let occupied = self.metrics.parked_polls.get() + self.held.load(Ordering::Relaxed);
-                if occupied >= self.config.max_parked as i64 {
+                if occupied > self.config.max_parked as i64 {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
                     self.metrics.count_outcome(outcome::OVER_CAPACITY);
                     return PollStart::OverCapacity;
                 }
-                self.held.fetch_add(1, Ordering::Relaxed);
                 let hold = Duration::from_millis(fastrand::u64(1000..=3000));
                 PollStart::Hold(HeldPoll {
                     hub: self.clone(),
@@ -697,6 +710,7 @@ impl Hub {
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
             expired.extend(shard.extract_if(|_, ch| ch.idle_deadline.is_some_and(|d| d <= now)));
+            shrink_if_sparse(&mut shard);
         }
         let n = expired.len();
         for (id, ch) in expired {
@@ -771,6 +785,22 @@ async fn answer_spread(
 
 /// The time a poll stays parked (SPEC §3): `retry_timeout` minus a grace of
 /// `min(10 s, retry_timeout / 10)`, minus a random jitter of up to 10 % of that.
+/// Gives memory back after a burst: a HashMap keeps its largest capacity once emptied, so
+/// the sweep halves the slack of a map that is less than a quarter full.
+pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
+    map: &mut HashMap<K, V, S>,
+) {
+    if map.len() < map.capacity() / 4 {
+        map.shrink_to(map.len() * 2);
+    }
+}
+
+/// How many held polls of not-live ids the node takes at once: 1/8 of `max_parked` (at
+/// least 1), so that made-up ids cannot crowd out polls of real channels.
+pub fn held_share(max_parked: usize) -> usize {
+    (max_parked / 8).max(1)
+}
+
 pub fn park_time(retry_timeout: Duration) -> Duration {
     let grace = (retry_timeout / 10).min(Duration::from_secs(10));
     let base = retry_timeout - grace;

@@ -89,6 +89,10 @@ impl NotLive {
             }
             self.pop_oldest();
         }
+        super::shrink_if_sparse(&mut self.first_answer);
+        if self.order.len() < self.order.capacity() / 4 {
+            self.order.shrink_to(self.order.len() * 2);
+        }
     }
 }
 
@@ -138,5 +142,21 @@ mod tests {
         nl.remember("x", t0);
         nl.sweep(t0 + Duration::from_secs(60));
         assert_eq!(nl.len(), 0);
+    }
+
+    #[test]
+    fn sweep_gives_memory_back_after_a_burst() {
+        let mut nl = NotLive::new(1 << 16);
+        let t0 = Instant::now();
+        for i in 0..50_000 {
+            nl.remember(&i.to_string(), t0);
+        }
+        nl.sweep(t0 + Duration::from_secs(60));
+        assert!(
+            nl.first_answer.capacity() < 1000,
+            "{}",
+            nl.first_answer.capacity()
+        );
+        assert!(nl.order.capacity() < 1000, "{}", nl.order.capacity());
     }
 }

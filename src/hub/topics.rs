@@ -161,6 +161,7 @@ impl Topics {
             let mut shard = shard.lock();
             let before = shard.len();
             shard.retain(|_, e| !e.channels.is_empty() || self.keeps_position(e, now));
+            super::shrink_if_sparse(&mut shard);
             let removed = before - shard.len();
             if removed > 0 {
                 self.count.fetch_sub(removed, Ordering::Relaxed);

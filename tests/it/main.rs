@@ -2,6 +2,7 @@
 
 mod bad_input;
 mod binary;
+mod bounds;
 mod bus;
 mod fast_clients;
 mod fast_path;
