@@ -102,6 +102,7 @@ pub async fn handle(req: Request<Incoming>, state: &InternalState) -> Response<B
 }
 
 async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response<Body>, ApiError> {
+    super::subscribe::check_host(req.version(), req.headers())?;
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     // Probes answer without a token: load balancers and kubelets have none.
@@ -248,6 +249,26 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError
 /// Parses a publish body: one JSON object, a JSON array of them, or NDJSON (with
 /// `Content-Type: application/x-ndjson`). All or nothing: one bad entry refuses the batch.
 /// The bus carries the same payloads.
+/// A publish as the API documents it: a JSON object, and nothing else. serde reads a struct
+/// from a sequence too (`["user:42",7]`); this accepts a map only.
+struct PublishObject(Publish);
+
+impl<'de> Deserialize<'de> for PublishObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object;
+        impl<'de> serde::de::Visitor<'de> for Object {
+            type Value = Publish;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"a publish object {"topic":…}"#)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Publish, A::Error> {
+                Publish::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        d.deserialize_map(Object).map(PublishObject)
+    }
+}
+
 pub fn parse_publish_body(content_type: Option<&str>, body: &[u8]) -> Result<Vec<Publish>, String> {
     let ndjson = content_type
         .and_then(|c| c.split(';').next())
@@ -259,7 +280,9 @@ pub fn parse_publish_body(content_type: Option<&str>, body: &[u8]) -> Result<Vec
                 continue;
             }
             batch.push(
-                serde_json::from_slice(line).map_err(|e| format!("NDJSON line {}: {e}", n + 1))?,
+                serde_json::from_slice::<PublishObject>(line)
+                    .map_err(|e| format!("NDJSON line {}: {e}", n + 1))?
+                    .0,
             );
         }
         batch
@@ -267,19 +290,19 @@ pub fn parse_publish_body(content_type: Option<&str>, body: &[u8]) -> Result<Vec
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum OneOrMany {
-            Many(Vec<Publish>),
-            One(Publish),
+            Many(Vec<PublishObject>),
+            One(PublishObject),
         }
         match serde_json::from_slice::<OneOrMany>(body) {
-            Ok(OneOrMany::Many(v)) => v,
-            Ok(OneOrMany::One(p)) => vec![p],
+            Ok(OneOrMany::Many(v)) => v.into_iter().map(|p| p.0).collect(),
+            Ok(OneOrMany::One(p)) => vec![p.0],
             // Untagged enums hide the cause: parse again as the likelier shape to tell it.
             Err(_) => {
                 let first = body.iter().find(|b| !b.is_ascii_whitespace());
                 let err = if first == Some(&b'[') {
-                    serde_json::from_slice::<Vec<Publish>>(body).err()
+                    serde_json::from_slice::<Vec<PublishObject>>(body).err()
                 } else {
-                    serde_json::from_slice::<Publish>(body).err()
+                    serde_json::from_slice::<PublishObject>(body).err()
                 };
                 return Err(format!(
                     "a publish body is {{\"topic\":…}}, an array of them, or NDJSON: {}",
@@ -354,9 +377,17 @@ pub fn parse_register_body(body: &[u8]) -> Result<Registration, ApiError> {
     let max_retries = match body.max_retries {
         None => None,
         Some(CountField::Number(n)) => Some(n),
-        Some(CountField::Text(t)) => Some(t.parse::<u32>().map_err(|_| {
-            ApiError::BadRequest("max_retries must be a non-negative integer".into())
-        })?),
+        // Box writes it as a string of digits; "+5" or " 5" is not one.
+        Some(CountField::Text(t)) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(t.parse::<u32>().map_err(|_| {
+                ApiError::BadRequest("max_retries must be a non-negative integer".into())
+            })?)
+        }
+        Some(CountField::Text(_)) => {
+            return Err(ApiError::BadRequest(
+                "max_retries must be a non-negative integer, or a string of digits".into(),
+            ));
+        }
     };
     Ok(Registration {
         topics: body.topics,
