@@ -5,7 +5,13 @@ use serde_json::{Value, json};
 
 use crate::support::{TestServer, secs};
 
-async fn post(s: &TestServer, path: &str, body: &str, content_type: &str) -> (StatusCode, Value) {
+/// POSTs a raw body with a content type to the internal listener.
+pub(crate) async fn post(
+    s: &TestServer,
+    path: &str,
+    body: &str,
+    content_type: &str,
+) -> (StatusCode, Value) {
     let res = s
         .http
         .post(s.internal_url(path))

@@ -4,24 +4,12 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::net::TcpStream;
 
+use crate::internal::post;
 use crate::raw;
 use crate::support::TestServer;
-
-async fn post(s: &TestServer, path: &str, content_type: &str, body: &str) -> (StatusCode, Value) {
-    let res = s
-        .http
-        .post(s.internal_url(path))
-        .header("content-type", content_type)
-        .body(body.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = res.status();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test]
 async fn a_publish_is_an_object_an_array_of_objects_or_ndjson_of_objects_and_nothing_else() {
@@ -38,7 +26,7 @@ async fn a_publish_is_an_object_an_array_of_objects_or_ndjson_of_objects_and_not
             "{\"topic\":\"user:42\"}\n[\"user:42\",7]\n",
         ),
     ] {
-        let (status, answer) = post(&s, "/v1/publish", content_type, body).await;
+        let (status, answer) = post(&s, "/v1/publish", body, content_type).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
         assert_eq!(answer["code"], "bad_request", "{body}");
     }
@@ -52,7 +40,7 @@ async fn a_publish_is_an_object_an_array_of_objects_or_ndjson_of_objects_and_not
             "{\"topic\":\"user:42\"}\n{\"topic\":\"b\"}\n",
         ),
     ] {
-        let (status, answer) = post(&s, "/v1/publish", content_type, body).await;
+        let (status, answer) = post(&s, "/v1/publish", body, content_type).await;
         assert_eq!(status, StatusCode::OK, "{body}: {answer}");
     }
     s.stop().await;
@@ -63,12 +51,12 @@ async fn max_retries_is_a_number_or_a_string_of_digits_only() {
     let s = TestServer::start().await;
     for bad in ["+5", " 5", "5 ", "", "-1", "0x5", "5.0"] {
         let body = json!({"topics": ["t"], "max_retries": bad}).to_string();
-        let (status, answer) = post(&s, "/v1/channels", "application/json", &body).await;
+        let (status, answer) = post(&s, "/v1/channels", &body, "application/json").await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad:?}: {answer}");
     }
     for good in [json!("5"), json!(5)] {
         let body = json!({"topics": ["t"], "max_retries": good}).to_string();
-        let (status, answer) = post(&s, "/v1/channels", "application/json", &body).await;
+        let (status, answer) = post(&s, "/v1/channels", &body, "application/json").await;
         assert_eq!(status, StatusCode::CREATED, "{good}: {answer}");
         assert_eq!(answer["entries"][0]["max_retries"], "5");
     }
