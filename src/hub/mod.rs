@@ -453,9 +453,15 @@ impl Hub {
             NotLiveAnswer::MaxRetries => self.answer_now(Answer::MaxRetries),
             NotLiveAnswer::Hold if self.is_draining() => self.answer_now(Answer::Reconnect),
             NotLiveAnswer::Hold => {
-                // Holding needs no id at all, so held polls may take only a share of
-                // `max_parked` (real channels always find room); past it the id is answered
-                // `max_retries` at once, which tells an SDK to stop, not to loop.
+                // Holding needs no id at all, so held polls are capped per id like parked
+                // ones per channel, and may take only a share of `max_parked` together (real
+                // channels always find room); past either, the id is answered `max_retries`
+                // at once, which tells an SDK to stop, not to loop.
+                let per_id = self.config.max_polls_per_channel;
+                let Some(key) = self.not_live.lock().try_hold(id_text, per_id) else {
+                    return self.answer_now(Answer::MaxRetries);
+                };
+                let release = || self.not_live.lock().release(key);
                 let share = held_share(self.config.max_parked) as i64;
                 if self
                     .held
@@ -464,11 +470,13 @@ impl Hub {
                     })
                     .is_err()
                 {
+                    release();
                     return self.answer_now(Answer::MaxRetries);
                 }
                 let occupied = self.metrics.parked_polls.get() + self.held.load(Ordering::Relaxed);
                 if occupied > self.config.max_parked as i64 {
                     self.held.fetch_sub(1, Ordering::Relaxed);
+                    release();
                     self.metrics.count_outcome(outcome::OVER_CAPACITY);
                     return PollStart::OverCapacity;
                 }
@@ -476,6 +484,7 @@ impl Hub {
                 PollStart::Hold(HeldPoll {
                     hub: self.clone(),
                     until: Instant::now() + hold,
+                    key,
                 })
             }
         }
@@ -893,6 +902,8 @@ impl Drop for ParkedPoll {
 pub struct HeldPoll {
     hub: Arc<Hub>,
     until: Instant,
+    /// Its place among the id's held polls.
+    key: u64,
 }
 
 impl HeldPoll {
@@ -914,5 +925,6 @@ impl HeldPoll {
 impl Drop for HeldPoll {
     fn drop(&mut self) {
         self.hub.held.fetch_sub(1, Ordering::Relaxed);
+        self.hub.not_live.lock().release(self.key);
     }
 }

@@ -20,6 +20,9 @@ pub(crate) struct NotLive {
     /// then skipped by comparing its time with the map's.
     order: VecDeque<(u64, Instant)>,
     capacity: usize,
+    /// Polls of each id held right now: capped per id like parked polls per channel, so
+    /// that one made-up id cannot take the held polls' whole share of the node.
+    holding: HashMap<u64, usize>,
 }
 
 /// What to do with a poll of an id that is not live.
@@ -38,6 +41,7 @@ impl NotLive {
             first_answer: HashMap::new(),
             order: VecDeque::new(),
             capacity,
+            holding: HashMap::new(),
         }
     }
 
@@ -52,6 +56,28 @@ impl NotLive {
             _ => {
                 self.insert(key, now);
                 NotLiveAnswer::MaxRetries
+            }
+        }
+    }
+
+    /// Takes one of `per_id` places to hold a poll of `id_text`; `None` when they are all
+    /// taken. The key it returns gives the place back ([`NotLive::release`]).
+    pub fn try_hold(&mut self, id_text: &str, per_id: usize) -> Option<u64> {
+        let key = self.hasher.hash_one(id_text);
+        let held = self.holding.entry(key).or_insert(0);
+        if *held >= per_id {
+            return None;
+        }
+        *held += 1;
+        Some(key)
+    }
+
+    /// Gives back a place taken by [`NotLive::try_hold`].
+    pub fn release(&mut self, key: u64) {
+        if let std::collections::hash_map::Entry::Occupied(mut held) = self.holding.entry(key) {
+            *held.get_mut() -= 1;
+            if *held.get() == 0 {
+                held.remove();
             }
         }
     }
@@ -90,6 +116,7 @@ impl NotLive {
             self.pop_oldest();
         }
         super::shrink_if_sparse(&mut self.first_answer);
+        super::shrink_if_sparse(&mut self.holding);
         if self.order.len() < self.order.capacity() / 4 {
             self.order.shrink_to(self.order.len() * 2);
         }

@@ -61,3 +61,47 @@ async fn made_up_ids_cannot_take_the_room_of_real_channels() {
         a.await.unwrap();
     }
 }
+
+/// Held polls are capped per id like parked polls per channel: eight clients re-polling one
+/// made-up id get four places; the other four are answered `max_retries` at once, before
+/// any held poll could end (holds last at least 1 s).
+#[tokio::test]
+async fn one_made_up_id_holds_at_most_max_polls_per_channel() {
+    let s = TestServer::start().await;
+    let url = s.public_url("/subscribe?channel=not-an-id");
+    assert_eq!(
+        s.message(&url, "").await,
+        "max_retries",
+        "first poll of a dead id"
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for _ in 0..8 {
+        let (http, url, tx) = (s.http.clone(), url.clone(), tx.clone());
+        tokio::spawn(async move {
+            let res = http.get(&url).send().await.unwrap();
+            let body: Value = res.json().await.unwrap();
+            let _ = tx.send(body["message"].as_str().unwrap().to_owned());
+        });
+    }
+    let mut answers = Vec::new();
+    while answers.len() < 8 {
+        let next = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        answers.push(next.expect("every poll is answered").unwrap());
+    }
+    assert_eq!(
+        answers,
+        [
+            "max_retries",
+            "max_retries",
+            "max_retries",
+            "max_retries",
+            "reconnect",
+            "reconnect",
+            "reconnect",
+            "reconnect"
+        ],
+        "four held, four turned away at once"
+    );
+    assert_eq!(s.hub.counts().held, 0);
+    s.stop().await;
+}
