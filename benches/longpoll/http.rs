@@ -121,9 +121,10 @@ pub async fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Res
     }
 }
 
-/// Serialises a request; `Host` is required by HTTP/1.1 and its value matters to neither server.
+/// Serialises a request. `Host` is required by HTTP/1.1, and nudge's internal listener takes
+/// only a loopback name when it has no token.
 pub fn request_bytes(method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Vec<u8> {
-    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: bench\r\n");
+    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
     if let Some(content_type) = content_type {
         out.push_str(&format!("Content-Type: {content_type}\r\n"));
     }

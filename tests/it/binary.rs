@@ -88,6 +88,7 @@ async fn starts_on_free_ports_serves_and_exits_0_on_sigterm() {
     // The environment twins of the flags took effect.
     let reg: Value = http
         .post(format!("http://{}/v1/channels", node.internal))
+        .header("content-type", "application/json")
         .body(r#"{"topics":["t"]}"#)
         .send()
         .await

@@ -9,6 +9,7 @@ mod fast_path;
 mod fuzz_corpus;
 mod head_grammar;
 mod internal;
+mod internal_guard;
 mod internal_hardening;
 mod ops;
 mod process;

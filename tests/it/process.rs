@@ -156,6 +156,7 @@ impl Nudge {
     async fn register(&self, topic: &str) -> (String, String) {
         let res = self
             .internal_req(reqwest::Method::POST, "/v1/channels")
+            .header("content-type", "application/json")
             .body(format!(r#"{{"topics":["{topic}"]}}"#))
             .send()
             .await
@@ -175,6 +176,7 @@ impl Nudge {
     async fn publish(&self, topic: &str) {
         let res = self
             .internal_req(reqwest::Method::POST, "/v1/publish")
+            .header("content-type", "application/json")
             .body(format!(r#"{{"topic":"{topic}"}}"#))
             .send()
             .await
