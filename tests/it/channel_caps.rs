@@ -1,12 +1,15 @@
 //! Node-wide caps on what registrations may hold, and memory given back after a burst
 //! (issue 11.4): a buggy main API cannot grow a node without bound.
 
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
-use crate::support::{TestServer, eventually};
+use crate::support::{TestServer, eventually, metric_sample};
 
 /// `POST /v1/channels` expecting `503 too_many_channels`; returns its `Retry-After`.
 async fn refused(s: &TestServer, body: Value) -> u64 {
@@ -159,4 +162,153 @@ async fn remembered_positions_are_bounded_by_bytes() {
     let ch = s.register(json!({"topics": ["x".repeat(200)]})).await;
     assert_eq!(s.message(&ch.url, "&stream_position=3").await, "new_change");
     s.stop().await;
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_nudge");
+
+/// The `nudge` binary on free loopback ports; killed when dropped.
+struct Node {
+    child: Child,
+    internal: String,
+}
+
+impl Node {
+    fn start(args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut child = Command::new(BIN)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--internal-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let internal = loop {
+            let line = lines.next().expect("nudge logs its addresses").unwrap();
+            if let Some(rest) = line.split("listening internal=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        // Keep draining stderr so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Node { child, internal }
+    }
+
+    /// Resident memory, from `/proc/<pid>/status`.
+    fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    async fn metric(&self, http: &reqwest::Client, sample: &str) -> f64 {
+        let url = format!("http://{}/metrics", self.internal);
+        let text = http.get(url).send().await.unwrap().text().await.unwrap();
+        metric_sample(&text, sample)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A burst of registrations with a short ttl grows the node by tens of MB; once they have
+/// expired and the gauges are back to 0, resident memory comes back near its baseline: the
+/// sweep shrinks the channel and topic tables the burst grew, and the allocator hands the
+/// freed pages back to the OS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_memory_returns_near_baseline_after_a_registration_burst_expires() {
+    const CHANNELS: usize = 20_000;
+    const TOPICS: usize = 8;
+    const CONNECTIONS: usize = 4;
+    const MIB: f64 = (1 << 20) as f64;
+    // The caps through a flag and an environment twin, far above what the burst needs.
+    let node = Node::start(
+        &["--max-topic-bytes", "1GiB"],
+        &[("NUDGE_MAX_CHANNELS", "1000000")],
+    );
+    // A connection per scrape: one left idle through the burst may be closed under it.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    assert_eq!(node.metric(&http, "nudge_channels").await, 0.0);
+    let baseline = node.rss_bytes();
+
+    let started = Instant::now();
+    let url = format!("http://{}/v1/channels", node.internal);
+    let mut workers = Vec::new();
+    for w in 0..CONNECTIONS {
+        let url = url.clone();
+        workers.push(tokio::spawn(async move {
+            // One keep-alive connection per worker.
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            for i in (w..CHANNELS).step_by(CONNECTIONS) {
+                let topics: Vec<String> = (0..TOPICS)
+                    .map(|t| format!("{i:08}-{t}-{}", "x".repeat(180)))
+                    .collect();
+                let res = http
+                    .post(&url)
+                    .json(&json!({"topics": topics, "ttl": 5}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), StatusCode::CREATED);
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let peak = node.rss_bytes();
+    eprintln!(
+        "burst of {CHANNELS} registrations in {:?}: rss {:.1} MiB -> {:.1} MiB",
+        started.elapsed(),
+        baseline as f64 / MIB,
+        peak as f64 / MIB
+    );
+    assert!(
+        peak > baseline + (40 << 20),
+        "the burst grew the node (else this test proves nothing)"
+    );
+
+    eventually("every channel expired", Duration::from_secs(30), || async {
+        node.metric(&http, "nudge_channels").await == 0.0
+            && node.metric(&http, "nudge_topics").await == 0.0
+            && node.metric(&http, "nudge_topic_bytes").await == 0.0
+    })
+    .await;
+    let near = baseline + (10 << 20);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let rss = node.rss_bytes();
+        if rss <= near {
+            eprintln!(
+                "rss back to {:.1} MiB after {:?}",
+                rss as f64 / MIB,
+                started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "resident memory stayed at {:.1} MiB (baseline {:.1} MiB, peak {:.1} MiB)",
+            rss as f64 / MIB,
+            baseline as f64 / MIB,
+            peak as f64 / MIB
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }
