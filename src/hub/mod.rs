@@ -130,8 +130,9 @@ pub struct Caps {
 impl Caps {
     /// Derived from the memory the node may use (the smaller of RAM and the cgroup's limit):
     /// a channel takes about 0.5 KiB and a topic name about 2.5 times its length once indexed
-    /// (both measured), so at these caps channels take at most ~1/8 of memory, bound names
-    /// ~1/6 and remembered positions ~1/12. Lowered to a floor that any machine holds.
+    /// (both measured; a remembered position's name about twice), so at these caps channels
+    /// take at most ~1/8 of memory, bound names ~1/6 and remembered positions ~1/16. Raised
+    /// to a floor that any machine holds.
     pub fn for_memory(bytes: u64) -> Caps {
         let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
         Caps {
@@ -313,6 +314,12 @@ impl Hub {
     }
 
     pub fn with_caps(config: HubConfig, caps: Caps, metrics: Arc<Metrics>) -> Arc<Hub> {
+        // The defaults are derived from the machine: say what they came to.
+        tracing::info!(
+            max_channels = caps.max_channels,
+            max_topic_bytes = caps.max_topic_bytes,
+            "channel caps"
+        );
         Arc::new(Hub {
             topics: Topics::new(
                 TOPIC_SHARDS,
