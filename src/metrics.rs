@@ -16,8 +16,8 @@ pub struct Metrics {
     pub topics: IntGauge,
     /// Bytes of the distinct topic names bound by live channels (`--max-topic-bytes`).
     pub topic_bytes: IntGauge,
-    /// Registrations refused `too_many_channels`, by the cap reached.
-    pub registrations_refused_total: IntCounterVec,
+    /// Registrations refused `too_many_channels` (either cap: the gauges tell which).
+    pub registrations_refused_total: IntCounter,
     /// Positions of topics nobody listens to that were not remembered (count or bytes full).
     pub positions_refused_total: IntCounter,
     pub open_connections: IntGauge,
@@ -95,12 +95,9 @@ impl Metrics {
             ),
             registrations_refused_total: reg(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "nudge_registrations_refused_total",
-                        "Registrations refused too_many_channels, by the cap reached (channels, topic_bytes).",
-                    ),
-                    &["cap"],
+                IntCounter::new(
+                    "nudge_registrations_refused_total",
+                    "Registrations refused too_many_channels: --max-channels or --max-topic-bytes reached.",
                 )
                 .unwrap(),
             ),
@@ -185,9 +182,6 @@ impl Metrics {
         }
         for s in ["api", "bus"] {
             m.publishes_total.with_label_values(&[s]);
-        }
-        for c in ["channels", "topic_bytes"] {
-            m.registrations_refused_total.with_label_values(&[c]);
         }
         #[cfg(target_os = "linux")]
         m.registry

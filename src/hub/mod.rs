@@ -465,15 +465,7 @@ impl Hub {
     /// Counts a refused registration and says when to retry: when the earliest idle channel
     /// expires (as the last sweep saw it, plus the sweep's second), between 1 s and 60 s.
     fn refuse(&self, what: &'static str, limit: usize) -> RegisterError {
-        let reason = if what == "channels" {
-            "channels"
-        } else {
-            "topic_bytes"
-        };
-        self.metrics
-            .registrations_refused_total
-            .with_label_values(&[reason])
-            .inc();
+        self.metrics.registrations_refused_total.inc();
         let now = Instant::now();
         let retry_after = match *self.next_expiry.lock() {
             Some(at) => at.saturating_duration_since(now) + Duration::from_secs(1),

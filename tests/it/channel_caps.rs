@@ -51,11 +51,7 @@ async fn past_max_channels_registration_is_refused_until_a_channel_goes() {
         || async { refused(&s, json!({"topics": ["t"]})).await <= 3 },
     )
     .await;
-    assert!(
-        s.metric("nudge_registrations_refused_total{cap=\"channels\"}")
-            .await
-            >= 1.0
-    );
+    assert!(s.metric("nudge_registrations_refused_total").await >= 1.0);
     assert_eq!(s.metric("nudge_channels").await, 3.0, "nothing half-made");
 
     // Polls and publishes on the channels already there are unaffected.
@@ -114,11 +110,7 @@ async fn past_max_topic_bytes_registration_is_refused_until_names_are_freed() {
 
     // One new byte, even next to names already held, is past the cap.
     refused(&s, json!({ "topics": [name('a'), "e"] })).await;
-    assert_eq!(
-        s.metric("nudge_registrations_refused_total{cap=\"topic_bytes\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(s.metric("nudge_registrations_refused_total").await, 1.0);
     assert_eq!(s.metric("nudge_channels").await, 12.0, "nothing half-made");
     assert_eq!(
         s.metric("nudge_topics").await,
