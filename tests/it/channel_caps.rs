@@ -84,6 +84,39 @@ async fn past_max_channels_registration_is_refused_until_a_channel_goes() {
     s.stop().await;
 }
 
+/// Concurrent registrations never pass `--max-channels`: each reserves its place before it
+/// is made, so 40 at once on a cap of 5 make exactly 5 channels and 35 refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registrations_never_pass_the_cap() {
+    let s = TestServer::with(|c| c.caps.max_channels = 5).await;
+    let url = s.internal_url("/v1/channels");
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let (http, url) = (s.http.clone(), url.clone());
+            tokio::spawn(async move {
+                let body = json!({ "topics": [format!("t{i}")] });
+                http.post(url).json(&body).send().await.unwrap().status()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::CREATED => created += 1,
+            status => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE),
+        }
+    }
+    assert_eq!(created, 5);
+    assert_eq!(s.metric("nudge_channels").await, 5.0);
+    assert_eq!(
+        s.metric("nudge_topics").await,
+        5.0,
+        "no refused topic left behind"
+    );
+    assert_eq!(s.metric("nudge_registrations_refused_total").await, 35.0);
+    s.stop().await;
+}
+
 /// `--max-topic-bytes` counts the distinct names bound by live channels: a name many
 /// channels share costs once, a registration that would pass the cap is refused whole, and
 /// the room comes back when the channels holding a name go.
