@@ -216,3 +216,44 @@ impl Topics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics() -> Topics {
+        let refused = IntCounter::new("refused", "positions refused").unwrap();
+        Topics::new(4, Duration::from_secs(60), 1 << 20, 1000, refused)
+    }
+
+    #[test]
+    fn a_topic_many_channels_left_gives_its_table_back() {
+        let t = topics();
+        let ids: Vec<ChannelId> = (0..10_000).map(|_| ChannelId::random()).collect();
+        for &id in &ids {
+            t.attach("popular", id);
+        }
+        let now = Instant::now();
+        for &id in &ids[1..] {
+            t.detach("popular", id, now);
+        }
+        let shard = t.shard("popular").lock();
+        assert!(shard["popular"].channels.capacity() < 16);
+        assert_eq!(t.bound_bytes(), "popular".len(), "a name counts once");
+    }
+
+    #[test]
+    fn positions_are_refused_past_the_byte_budget_and_their_bytes_come_back() {
+        let t = topics();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for name in ["a".repeat(400), "b".repeat(400), "c".repeat(400)] {
+            t.publish(&name, Some(1), now, &mut out);
+        }
+        assert_eq!((t.len(), t.positions_refused.get()), (2, 1));
+        t.sweep(now + Duration::from_secs(61));
+        assert_eq!(t.len(), 0);
+        t.publish(&"c".repeat(400), Some(1), now, &mut out);
+        assert_eq!(t.len(), 1, "the swept names' bytes were given back");
+    }
+}
