@@ -21,6 +21,10 @@ pub enum ApiError {
     TooManyPolls,
     #[error("this node is at its parked-poll limit; retry later or elsewhere")]
     OverCapacity,
+    /// Past `--max-channels` or `--max-topic-bytes`; answered with `Retry-After`.
+    /// The `Retry-After` is set where it is known (`http::internal::register`).
+    #[error("{0}")]
+    TooManyChannels(String),
     #[error("the publish bus is unavailable; nothing was published")]
     BusUnavailable,
     /// A revocation is applied where it was posted before it goes on the bus; this says the
@@ -60,6 +64,7 @@ impl ApiError {
             | ApiError::UnsupportedContentType => StatusCode::FORBIDDEN,
             ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::OverCapacity
+            | ApiError::TooManyChannels(_)
             | ApiError::BusUnavailable
             | ApiError::RevokedHereOnly { .. }
             | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -76,6 +81,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::TooManyPolls => "too_many_polls",
             ApiError::OverCapacity => "over_capacity",
+            ApiError::TooManyChannels(_) => "too_many_channels",
             ApiError::BusUnavailable | ApiError::RevokedHereOnly { .. } => "bus_unavailable",
             ApiError::NotReady(_) => "not_ready",
             ApiError::CrossSite(_) => "cross_site",

@@ -98,12 +98,13 @@ impl Server {
                 "--max-parked is above what the open-files limit allows: accepts will fail first"
             );
         }
-        let hub = Hub::new(
+        let hub = Hub::with_caps(
             HubConfig {
                 limits: config.limits,
                 max_polls_per_channel: config.max_polls_per_channel,
                 max_parked,
             },
+            config.caps,
             metrics,
         );
         let bus = config

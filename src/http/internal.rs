@@ -515,10 +515,18 @@ pub fn parse_register_body(body: &[u8]) -> Result<Registration, ApiError> {
 
 fn register(state: &InternalState, registration: Registration) -> Result<Response<Body>, ApiError> {
     let topic_count = registration.topics.len();
-    let reg = state
-        .hub
-        .register(registration)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let reg = match state.hub.register(registration) {
+        Ok(reg) => reg,
+        Err(e @ crate::hub::RegisterError::TooManyChannels { retry_after, .. }) => {
+            let mut res = error(&ApiError::TooManyChannels(e.to_string()));
+            res.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+            return Ok(res);
+        }
+        Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+    };
     // A channel id is a credential: logs carry its short hash only.
     debug!(channel = %reg.id.short(), topics = topic_count, "channel registered");
     let stream_type = reg.stream_type.as_deref().unwrap_or("all");

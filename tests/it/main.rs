@@ -4,6 +4,7 @@ mod bad_input;
 mod binary;
 mod bounds;
 mod bus;
+mod channel_caps;
 mod fast_clients;
 mod fast_path;
 mod fuzz_corpus;
