@@ -179,6 +179,8 @@ fn help_lists_every_flag() {
         "--max-retries",
         "--max-parked",
         "--max-polls-per-channel",
+        "--max-channels",
+        "--max-topic-bytes",
         "--drain-period",
         "--header-read-timeout",
         "--redis-url",
