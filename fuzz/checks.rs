@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use nudge::http::internal::{parse_publish_body, parse_register_body};
 use nudge::http::subscribe::{MAX_QUERY_LEN, parse_query};
 use nudge::hub::{Hub, HubConfig, Limits, MAX_TOPICS_PER_CHANNEL, Publish};
 use nudge::id::ChannelId;
 use nudge::metrics::Metrics;
+use nudge::wire::{parse_publish_body, parse_register_body};
 
 fn hub() -> Arc<Hub> {
     Hub::new(

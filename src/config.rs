@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::hub::{Caps, Limits};
+use crate::wire::parse_duration;
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -288,19 +289,6 @@ impl Config {
     }
 }
 
-/// A duration in humantime (`45s`, `10m`, `1h 30m`) or plain integer seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
-        return text
-            .parse::<u64>()
-            .map(Duration::from_secs)
-            .map_err(|e| e.to_string());
-    }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{e} (use e.g. 45s, 10m, or whole seconds)"))
-}
-
 /// A size in bytes: plain digits, or a number with `KB`/`MB`/`GB` (powers of 1000) or
 /// `KiB`/`MiB`/`GiB` (powers of 1024); case and a space before the unit don't matter.
 pub fn parse_size(text: &str) -> Result<usize, String> {
@@ -405,14 +393,6 @@ mod tests {
                 .unwrap_err()
                 .contains("--max-topic-bytes")
         );
-    }
-
-    #[test]
-    fn durations_are_humantime_or_seconds() {
-        assert_eq!(parse_duration("610s").unwrap(), Duration::from_secs(610));
-        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
-        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod server;
 pub mod signal;
 pub mod tls;
+pub mod wire;
 
 pub use config::Config;
 pub use server::Server;

@@ -17,8 +17,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::http::internal::parse_publish_body;
 use crate::hub::{Publish, RevokeFilter};
+use crate::wire::{RevokeBody, parse_publish_body};
 
 /// A decoded bus message.
 #[derive(Debug, PartialEq, Eq)]
@@ -47,18 +47,9 @@ impl Message {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RevokeEnvelope {
-    revoke: RevokeFields,
+    revoke: RevokeBody,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     origin: Option<String>,
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RevokeFields {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    subject: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    topic: Option<String>,
 }
 
 /// A publish as nodes put it on the bus: a JSON array.
@@ -69,7 +60,7 @@ pub fn encode_publish(batch: &[Publish]) -> Vec<u8> {
 /// A revocation envelope naming the node that already applied it.
 pub fn encode_revoke(filter: &RevokeFilter, origin: &str) -> Vec<u8> {
     serde_json::to_vec(&RevokeEnvelope {
-        revoke: RevokeFields {
+        revoke: RevokeBody {
             subject: filter.subject.clone(),
             topic: filter.topic.clone(),
         },
@@ -105,18 +96,11 @@ pub fn decode(payload: &[u8]) -> Result<Message, String> {
 }
 
 fn revoke(envelope: RevokeEnvelope) -> Result<Message, String> {
-    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
-    let (subject, topic) = (
-        nonempty(envelope.revoke.subject),
-        nonempty(envelope.revoke.topic),
-    );
-    if subject.is_none() && topic.is_none() {
-        return Err("a revoke envelope needs a subject, a topic, or both".into());
-    }
+    let filter = envelope.revoke.into_filter().map_err(|e| e.to_string())?;
     Ok(Message::Revoke {
         origin: envelope.origin,
-        subject,
-        topic,
+        subject: filter.subject,
+        topic: filter.topic,
     })
 }
 

@@ -49,6 +49,8 @@ pub const NOT_LIVE_CAPACITY: usize = 65_536;
 pub const POSITION_CAPACITY: usize = 1 << 20;
 pub const MAX_TOPICS_PER_CHANNEL: usize = 64;
 pub const MAX_TOPIC_LEN: usize = 256;
+/// Longest `stream_type`, in bytes.
+pub const MAX_STREAM_TYPE_LEN: usize = 64;
 
 /// The answers a poll can get (SPEC §2).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -395,7 +397,7 @@ impl Hub {
         let stream_type = match reg.stream_type {
             None => None,
             Some(t) if t == "all" => None,
-            Some(t) if is_visible_ascii(&t, 64) => Some(t),
+            Some(t) if is_visible_ascii(&t, MAX_STREAM_TYPE_LEN) => Some(t),
             Some(_) => return Err(RegisterError::BadStreamType),
         };
         let node = self.config.limits;
@@ -981,7 +983,7 @@ pub fn park_time(retry_timeout: Duration) -> Duration {
     base - base.mul_f64(fastrand::f64() * 0.1)
 }
 
-fn is_visible_ascii(s: &str, max_len: usize) -> bool {
+pub fn is_visible_ascii(s: &str, max_len: usize) -> bool {
     !s.is_empty() && s.len() <= max_len && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
