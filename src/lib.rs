@@ -16,10 +16,12 @@
 
 pub mod bus;
 pub mod config;
+pub mod drain;
 pub mod error;
 pub mod http;
 pub mod hub;
 pub mod id;
+pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod server;

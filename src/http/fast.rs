@@ -32,11 +32,12 @@ use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
+use super::conn::MAX_HEAD_BYTES;
 use super::subscribe::{self, Cors, PublicState, SubscribeQuery, parse_query};
 use super::watched::{self, Queued, Watched};
 use super::{Body, error};
+use crate::drain::Watcher;
 use crate::error::ApiError;
 use crate::hub::{Answer, ParkedPoll, PollRequest, PollStart};
 use crate::metrics::ParkedOn;
@@ -324,19 +325,14 @@ impl FastPath {
         }
     }
 
-    /// Serves one public connection until it closes, or hands it to hyper. `_guard` is
-    /// dropped when the connection ends (the caller's open-connection count).
+    /// Serves one public connection until it closes, or hands it to hyper. `drain` says when
+    /// to close, and is dropped (counting the connection closed) when it ends.
     ///
     /// What a parked poll costs is this future's size, so it is kept small: the states a
     /// parked poll does not need (reading a head, with its timers; hyper; a held poll; a
     /// client that queued bytes behind its poll) are boxed, and the parked state itself is
     /// [`wait_parked`].
-    pub async fn serve<G: Send>(
-        self: Arc<Self>,
-        stream: TcpStream,
-        mut close: watch::Receiver<bool>,
-        _guard: G,
-    ) {
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, mut close: Watcher) {
         loop {
             // Scoped so that nothing of the request outlives the start of the poll.
             let (start, framing) = match Box::pin(self.next_head(&stream, &mut close)).await {
@@ -431,7 +427,7 @@ impl FastPath {
         stream: TcpStream,
         mut parked: ParkedPoll,
         framing: Framing,
-        close: watch::Receiver<bool>,
+        close: Watcher,
     ) {
         let mut queued = Vec::new();
         let answer = {
@@ -454,7 +450,7 @@ impl FastPath {
         reply: Reply,
         parked: Option<ParkedPoll>,
         framing: Framing,
-        (stream, queued, close): (TcpStream, Vec<u8>, watch::Receiver<bool>),
+        (stream, queued, close): (TcpStream, Vec<u8>, Watcher),
     ) {
         if self.write(&stream, reply, parked.as_ref(), &framing).await {
             drop(parked);
@@ -463,26 +459,21 @@ impl FastPath {
     }
 
     /// Lets hyper serve the rest of the connection, `prefix` (bytes already read) first.
-    async fn hand_to_hyper(
-        self: Arc<Self>,
-        stream: TcpStream,
-        prefix: Vec<u8>,
-        close: watch::Receiver<bool>,
-    ) {
+    async fn hand_to_hyper(self: Arc<Self>, stream: TcpStream, prefix: Vec<u8>, close: Watcher) {
         let (io, client) = Watched::new(stream, prefix);
         let service = subscribe::service(self.state.clone(), client);
-        crate::server::serve(&self.builder, TokioIo::new(io), service, close).await;
+        super::conn::serve(&self.builder, TokioIo::new(io), service, close).await;
     }
 
     /// The next request head, or `Done` when the client closes, sends nothing in time, or
     /// the node starts draining.
-    async fn next_head(&self, stream: &TcpStream, close: &mut watch::Receiver<bool>) -> NextHead {
+    async fn next_head(&self, stream: &TcpStream, close: &mut Watcher) -> NextHead {
         tokio::select! {
             next = tokio::time::timeout(self.header_read_timeout, self.read_head(stream)) => match next {
                 Ok(Ok(next)) => next,
                 Ok(Err(_)) | Err(_) => NextHead::Done,
             },
-            _ = crate::server::became_true(close) => NextHead::Done,
+            _ = close.signaled() => NextHead::Done,
         }
     }
 
@@ -522,7 +513,7 @@ impl FastPath {
                     // A complete head over the limit is hyper's too (431), like a partial
                     // one: the last read can complete a head that is already too big.
                     Classified::Fast { len, request }
-                        if len == buf.len() && len <= crate::server::MAX_HEAD_BYTES =>
+                        if len == buf.len() && len <= MAX_HEAD_BYTES =>
                     {
                         Some(NextHead::Fast(request))
                     }
@@ -531,7 +522,7 @@ impl FastPath {
                         Some(NextHead::Hyper(buf.to_vec()))
                     }
                     // hyper refuses an oversized head with its own answer.
-                    Classified::Partial if buf.len() > crate::server::MAX_HEAD_BYTES => {
+                    Classified::Partial if buf.len() > MAX_HEAD_BYTES => {
                         Some(NextHead::Hyper(buf.to_vec()))
                     }
                     Classified::Partial => {

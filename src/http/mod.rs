@@ -1,7 +1,9 @@
-//! HTTP handlers on hyper's `http1` connections: the public listener (`subscribe.rs`, one
-//! route) and the internal listener (`internal.rs`). Both answer JSON only, through the
-//! helpers here, so every answer carries the same headers.
+//! HTTP handlers on hyper's `http1` connections (`conn.rs`): the public listener
+//! (`subscribe.rs`, one route, and `fast.rs`, its buffer-less path for parked polls) and the
+//! internal listener (`internal.rs`). Both answer JSON only, through the helpers here, so
+//! every answer carries the same headers.
 
+pub mod conn;
 pub mod fast;
 pub mod internal;
 pub mod subscribe;

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 /// Bytes a client may queue behind a parked poll before it is taken as gone: as much as a
 /// request head may hold.
-pub const MAX_QUEUED_BYTES: usize = crate::server::MAX_HEAD_BYTES;
+pub const MAX_QUEUED_BYTES: usize = super::conn::MAX_HEAD_BYTES;
 
 /// A TCP stream with bytes already read in front (a head the fast path read before handing
 /// the connection to hyper, or what a [`ClientWatch`] read while a poll was parked).
