@@ -3,12 +3,12 @@
 //! connections closed, exit 0), `--max-parked` derived from the open-files limit, slow
 //! senders cut by `--header-read-timeout`, JSON logs, and logs that never carry a secret.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
+
+use nudge_testkit::Node;
+use nudge_testkit::node::{FREE_PORTS, Options};
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -23,76 +23,36 @@ const BIN: &str = env!("CARGO_BIN_EXE_nudge");
 
 /// A running `nudge` binary on free loopback ports, with every log line it wrote.
 struct Nudge {
-    child: Child,
+    node: Node,
     public: SocketAddr,
     internal: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
     http: reqwest::Client,
     token: Option<String>,
 }
 
 impl Nudge {
-    /// `nudge --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 ARGS`, `RUST_LOG=info`
+    /// `nudge ARGS --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0`, `RUST_LOG=info`
     /// unless `env` says otherwise.
     fn start(args: &[&str], env: &[(&str, &str)]) -> Nudge {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args);
-        Nudge::spawn(cmd, env)
+        Nudge::from(Node::start(BIN, args, env))
     }
 
     /// Starts the binary through `bash -c SCRIPT`, where the script ends in
     /// `exec "$0" "$@"` (e.g. to set resource limits first).
     fn start_via_shell(script: &str, args: &[&str]) -> Nudge {
         let mut cmd = Command::new("bash");
-        cmd.args(["-c", script, BIN]).args(args);
-        Nudge::spawn(cmd, &[])
+        cmd.args(["-c", script, BIN])
+            .args(args)
+            .args(FREE_PORTS)
+            .env("RUST_LOG", "info");
+        Nudge::from(Node::spawn(cmd, Options::default()).unwrap_or_else(|e| panic!("{e}")))
     }
 
-    fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Nudge {
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--internal-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        {
-            // Reads every line until nudge exits, so it never blocks on a full pipe.
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in stderr.lines().map_while(Result::ok) {
-                    logs.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let (mut public, mut internal) = (None, None);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while public.is_none() || internal.is_none() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "nudge did not log its addresses: {:?}",
-                    logs.lock().unwrap()
-                )
-            });
-            public = public.or_else(|| bound_address(&line, "public"));
-            internal = internal.or_else(|| bound_address(&line, "internal"));
-        }
+    fn from(node: Node) -> Nudge {
         Nudge {
-            child,
-            public: public.unwrap(),
-            internal: internal.unwrap(),
-            logs,
+            public: node.public,
+            internal: node.internal,
+            node,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
                 .build()
@@ -102,44 +62,27 @@ impl Nudge {
     }
 
     fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        self.node.logs()
     }
 
     /// Waits until a log line contains `needle`.
     fn wait_log(&self, needle: &str, within: Duration) {
-        let deadline = std::time::Instant::now() + within;
-        while !self.logs().iter().any(|l| l.contains(needle)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no log line with {needle:?}: {:?}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.node.wait_log(needle, within);
     }
 
     fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        assert!(self.node.signal(name), "kill -{name}");
     }
 
     /// Waits for the exit; returns the exit code.
     fn wait_exit(&mut self, within: Duration) -> i32 {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().expect("exited, not killed by a signal");
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
+        let status = self.node.wait_exit(within).unwrap_or_else(|| {
+            panic!(
                 "nudge did not exit within {within:?}; logs: {:?}",
                 self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            )
+        });
+        status.code().expect("exited, not killed by a signal")
     }
 
     fn internal_req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -214,29 +157,6 @@ impl Nudge {
             (res, at, closed)
         })
     }
-}
-
-impl Drop for Nudge {
-    fn drop(&mut self) {
-        // A test that failed half-way must not leave its nudge running.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `listening public=ADDR` in text, `{"message":"listening","public":"ADDR",…}` in JSON.
-fn bound_address(line: &str, which: &str) -> Option<SocketAddr> {
-    if line.starts_with('{') {
-        let v: Value = serde_json::from_str(line).ok()?;
-        if v["message"] != "listening" {
-            return None;
-        }
-        return v[which].as_str()?.parse().ok();
-    }
-    let rest = line.split(&format!("listening {which}=")).nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 // ---- the drain --------------------------------------------------------------------------
@@ -378,7 +298,7 @@ async fn worker_threads_sets_how_many_threads_serve() {
         let mut conn = TcpStream::connect(node.public).await.unwrap();
         let res = raw::poll_now(&mut conn, &path).await.unwrap();
         assert_eq!(res.text(), r#"{"message":"no_change"}"#);
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", node.child.id())).unwrap();
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", node.node.pid())).unwrap();
         let workers = tasks
             .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
             .filter(|comm| comm.trim() == "nudge-worker")
