@@ -4,8 +4,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use nudge_testkit::Node;
-use serde_json::Value;
 use tokio::time::Instant;
+
+use crate::support::{body_json, body_text, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nudge");
 
@@ -36,40 +37,26 @@ async fn starts_on_free_ports_serves_and_exits_0_on_sigterm() {
         .unwrap();
     assert_eq!(res.status(), 200);
     // The environment twins of the flags took effect.
-    let reg: Value = http
-        .post(format!("http://{}/v1/channels", node.internal))
-        .body(r#"{"topics":["t"]}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reg = body_json(
+        http.post(format!("http://{}/v1/channels", node.internal))
+            .body(r#"{"topics":["t"]}"#),
+    )
+    .await;
     assert_eq!(reg["entries"][0]["retry_timeout"], 30);
     assert_eq!(reg["entries"][0]["ttl"], "3");
     let url = reg["entries"][0]["url"].as_str().unwrap().to_owned();
     assert!(url.starts_with(&format!("http://{}/subscribe?channel=", node.public)));
     let poll = tokio::spawn({
         let http = http.clone();
-        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+        async move { body_text(http.get(url)).await }
     });
     // Parked: visible in the node's own gauge.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = http
-            .get(format!("http://{}/metrics", node.internal))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.lines().any(|l| l == "nudge_parked_polls 1") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the poll never parked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let metrics = format!("http://{}/metrics", node.internal);
+    eventually("the poll parked", Duration::from_secs(5), || async {
+        let m = body_text(http.get(&metrics)).await;
+        m.lines().any(|l| l == "nudge_parked_polls 1")
+    })
+    .await;
     let start = Instant::now();
     assert!(node.signal("TERM"));
     assert_eq!(poll.await.unwrap(), r#"{"message":"reconnect"}"#);

@@ -96,13 +96,7 @@ async fn two_nodes(redis: &Redis) -> (TestServer, TestServer) {
 
 /// A POST to the internal listener: status, JSON body, `Retry-After`.
 async fn post(s: &TestServer, path: &str, body: Value) -> (StatusCode, Value, Option<String>) {
-    let res = s
-        .http
-        .post(s.internal_url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = s.post_json(path, &body).await;
     let status = res.status();
     let retry_after = res
         .headers()

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::raw;
-use crate::support::{eventually, metric_sample, secs};
+use crate::support::{body_text, eventually, http_client, metric_sample, secs};
 use crate::tools::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nudge");
@@ -53,10 +53,7 @@ impl Nudge {
             public: node.public,
             internal: node.internal,
             node,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            http: http_client(Duration::from_secs(30)),
             token: None,
         }
     }
@@ -97,14 +94,9 @@ impl Nudge {
 
     /// Registers a channel on `topic`; returns its id and the path of its URL.
     async fn register(&self, topic: &str) -> (String, String) {
-        let res = self
-            .internal_req(reqwest::Method::POST, "/v1/channels")
-            .body(format!(r#"{{"topics":["{topic}"]}}"#))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        let body: Value = res.json().await.unwrap();
+        let body = self
+            .post("/v1/channels", format!(r#"{{"topics":["{topic}"]}}"#), 201)
+            .await;
         let url = body["entries"][0]["url"].as_str().unwrap();
         let path = url
             .strip_prefix(&format!("http://{}", self.public))
@@ -116,24 +108,24 @@ impl Nudge {
     }
 
     async fn publish(&self, topic: &str) {
+        self.post("/v1/publish", format!(r#"{{"topic":"{topic}"}}"#), 200)
+            .await;
+    }
+
+    /// POSTs `body` to an internal route, expects `status`, returns the JSON answer.
+    async fn post(&self, path: &str, body: String, status: u16) -> Value {
         let res = self
-            .internal_req(reqwest::Method::POST, "/v1/publish")
-            .body(format!(r#"{{"topic":"{topic}"}}"#))
+            .internal_req(reqwest::Method::POST, path)
+            .body(body)
             .send()
             .await
             .unwrap();
-        assert_eq!(res.status(), 200);
+        assert_eq!(res.status(), status, "POST {path}");
+        res.json().await.unwrap()
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .internal_req(reqwest::Method::GET, "/metrics")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = body_text(self.internal_req(reqwest::Method::GET, "/metrics")).await;
         metric_sample(&text, name)
     }
 

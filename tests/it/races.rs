@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::support::{TestServer, eventually};
+use crate::support::TestServer;
 
 /// Sets the flag when dropped, so that pollers stop even when their publisher panics.
 struct StopOnDrop(Arc<AtomicBool>);
@@ -213,11 +213,7 @@ async fn a_change_published_right_after_a_client_closes_its_poll_waits_for_its_n
             drop(conn);
             s.publish(json!({"topic": "closing"})).await;
             let what = format!("fast_path {fast_path}, round {round}: new_change on the next poll");
-            eventually(&what, Duration::from_secs(2), || {
-                let (s, url) = (&s, &ch.url);
-                async move { s.message(url, "&dont_block=true").await == "new_change" }
-            })
-            .await;
+            s.wait_new_change(&ch.url, &what).await;
             s.wait_parked(0).await;
         }
         s.stop().await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::eventually;
+use crate::support::{eventually, http_client};
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
@@ -100,10 +100,7 @@ impl Prometheus {
         Prometheus {
             child,
             addr,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap(),
+            http: http_client(Duration::from_secs(5)),
             _dir: dir,
         }
     }
