@@ -21,6 +21,9 @@ pub const FREE_PORTS: [&str; 4] = [
     "127.0.0.1:0",
 ];
 
+/// How often a wait looks again.
+const TICK: Duration = Duration::from_millis(10);
+
 /// How [`Node::spawn`] waits and what it keeps.
 pub struct Options {
     /// How long to wait for both `listening` lines.
@@ -147,7 +150,7 @@ impl Node {
                 "no log line with {needle:?}: {:?}",
                 self.logs()
             );
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(TICK);
         }
     }
 
@@ -161,17 +164,23 @@ impl Node {
         self.child.try_wait().ok().flatten()
     }
 
+    /// One look at the exit: `Some` once waiting is over (the exit status, or `None` when
+    /// `deadline` has passed first).
+    fn exit_by(&mut self, deadline: Instant) -> Option<Option<ExitStatus>> {
+        match self.try_exit() {
+            Some(status) => Some(Some(status)),
+            None => (Instant::now() >= deadline).then_some(None),
+        }
+    }
+
     /// Waits for the exit, blocking the thread, up to `within`.
     pub fn wait_exit(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.try_exit() {
-                return Some(status);
+            match self.exit_by(deadline) {
+                Some(end) => return end,
+                None => std::thread::sleep(TICK),
             }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -179,13 +188,10 @@ impl Node {
     pub async fn exited(&mut self, within: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(status) = self.try_exit() {
-                return Some(status);
+            match self.exit_by(deadline) {
+                Some(end) => return end,
+                None => tokio::time::sleep(TICK).await,
             }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -3,17 +3,15 @@
 //! cross nodes, straight `PUBLISH`es into Redis, exactly once per node, revocations, Redis
 //! dying and coming back under parked polls, a node restarted, and readiness at start-up.
 
-use std::process::Command;
 use std::time::Duration;
 
 use nudge_testkit::free_port;
-use nudge_testkit::node::FREE_PORTS;
 use nudge_testkit::redis::RedisServer;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, eventually};
+use crate::support::{TestServer, eventually, refused};
 
 /// A `redis-server` of our own on 127.0.0.1 (the test kit's), killed (and its directory
 /// removed) on drop.
@@ -498,13 +496,7 @@ impl Drop for ContOnDrop<'_> {
 #[test]
 fn a_redis_url_the_client_cannot_use_exits_64_naming_the_flag() {
     for url in ["redis://", "redis://127.0.0.1:6379/notadb"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
-            .args(FREE_PORTS)
-            .args(["--redis-url", url])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{url}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(&["--redis-url", url]);
         assert!(stderr.contains("--redis-url"), "{stderr}");
         // Nothing was bound: config errors come before the listeners.
         assert!(!stderr.contains("listening"), "{stderr}");

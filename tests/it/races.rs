@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use nudge::hub::{Answer, Hub, HubConfig, Limits, PollRequest, PollStart, Publish, Registration};
-use nudge::metrics::Metrics;
+use nudge::hub::{Answer, Hub, Limits, PollRequest, PollStart, Publish, Registration};
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::support::TestServer;
+use crate::support::{self, TestServer};
 
 /// Sets the flag when dropped, so that pollers stop even when their publisher panics.
 struct StopOnDrop(Arc<AtomicBool>);
@@ -29,18 +28,12 @@ impl Drop for StopOnDrop {
 
 /// A hub of its own, with parks of `retry_timeout` and a budget that never runs out.
 fn test_hub(retry_timeout: Duration) -> Arc<Hub> {
-    Hub::new(
-        HubConfig {
-            limits: Limits {
-                ttl: Duration::from_secs(60),
-                retry_timeout,
-                max_retries: u32::MAX - 1,
-            },
-            max_polls_per_channel: 4,
-            max_parked: 10_000,
-        },
-        Arc::new(Metrics::new(prometheus::Registry::new(), false)),
-    )
+    let limits = Limits {
+        ttl: Duration::from_secs(60),
+        retry_timeout,
+        max_retries: u32::MAX - 1,
+    };
+    support::hub(limits, 10_000).0
 }
 
 /// When a client last received `new_change`.

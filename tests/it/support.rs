@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nudge::bus::Bus;
-use nudge::hub::Hub;
+use nudge::hub::{Hub, HubConfig, Limits};
+use nudge::metrics::Metrics;
 use nudge::{Config, Server};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -218,6 +219,35 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// Runs the `nudge` binary on free loopback ports with `args`, expects the configuration
+/// error's exit code 64, and returns what it wrote to stderr.
+pub fn refused(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(nudge_testkit::node::FREE_PORTS)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A hub of its own, without HTTP, for tests that drive it directly (up to 4 polls per
+/// channel); with its metrics, to read them back.
+pub fn hub(limits: Limits, max_parked: usize) -> (Arc<Hub>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new(), false));
+    let config = HubConfig {
+        limits,
+        max_polls_per_channel: 4,
+        max_parked,
+    };
+    (Hub::new(config, metrics.clone()), metrics)
+}
+
+/// Sends `request` and answers its status.
+pub async fn status(request: reqwest::RequestBuilder) -> StatusCode {
+    request.send().await.unwrap().status()
 }
 
 /// A client whose every request gives up after `timeout`, so a hung server fails the test.
