@@ -40,26 +40,10 @@ pub(crate) struct Outcome {
 
 /// Prints the report; true when the run passed.
 pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
-    let Outcome {
-        seed,
-        burst_ready,
-        soak_time,
-        left,
-        node_metrics,
-        gauges,
-        last,
-        drained,
-        rss_baseline,
-        rss_peak,
-        rss_after,
-        rss_allowance,
-        rss_took,
-        rss_ok,
-        shut_down,
-        exit,
-        ids_logged,
-        ids,
-    } = outcome;
+    let o = &outcome;
+    // Named in format strings below.
+    let (seed, ids_logged, ids) = (o.seed, o.ids_logged, o.ids);
+    let (gauges, last) = (o.gauges, &o.last);
     let args = &ctx.args;
     let hot = crate::hot_topics(args.topics);
     // The report.
@@ -67,7 +51,8 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
     let c = &ctx.ledger.counts;
     let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
     let lost = g(&c.lost);
-    let node_polls: f64 = node_metrics
+    let node_polls: f64 = o
+        .node_metrics
         .iter()
         .filter(|(k, _)| k.starts_with("nudge_polls_total"))
         .map(|(_, v)| v)
@@ -78,7 +63,7 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
         args.clients,
         args.burst,
         args.topics,
-        soak_time.as_secs_f64(),
+        o.soak_time.as_secs_f64(),
         args.ttl,
         args.retry_timeout,
         args.max_retries
@@ -139,7 +124,7 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
         g(&f.expiry_late)
     );
     if args.burst > 0 {
-        match burst_ready {
+        match o.burst_ready {
             Some(d) => println!(
                 "  burst        {} clients registered and polling within {:.2}s",
                 args.burst,
@@ -151,7 +136,7 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
             ),
         }
     }
-    match drained {
+    match o.drained {
         Some(d) => println!(
             "  leak check   channels, parked polls, topics, connections all 0 {:.1}s after the last client left",
             d.as_secs_f64()
@@ -163,17 +148,17 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
     }
     println!(
         "  memory       rss baseline {:.1} MiB, peak {:.1} MiB, {:.1} MiB {:.0}s after the leak check (allowed {:.1} MiB)",
-        mib(rss_baseline),
-        mib(rss_peak),
-        mib(rss_after),
-        rss_took.as_secs_f64(),
-        mib(rss_baseline + rss_allowance)
+        mib(o.rss_baseline),
+        mib(o.rss_peak),
+        mib(o.rss_after),
+        o.rss_took.as_secs_f64(),
+        mib(o.rss_baseline + o.rss_allowance)
     );
     println!("  ids in log   {ids_logged} of {ids} channel ids");
     println!(
         "  shutdown     SIGTERM to {}: {}",
-        shut_down.join(", "),
-        exit.map_or("did not exit".to_owned(), |s| s.to_string())
+        o.shut_down.join(", "),
+        o.exit.map_or("did not exit".to_owned(), |s| s.to_string())
     );
     for note in ctx.drill_notes.lock().iter() {
         println!("  drill        {note}");
@@ -213,19 +198,19 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
     if lost > 0 {
         failures.push(format!("{lost} changes lost"));
     }
-    if !left {
+    if !o.left {
         failures.push("clients did not stop".to_owned());
     }
-    if drained.is_none() {
+    if o.drained.is_none() {
         failures.push("gauges did not return to 0".to_owned());
     }
-    if !rss_ok {
+    if !o.rss_ok {
         failures.push("resident memory did not return near its baseline".to_owned());
     }
     if ids_logged > 0 {
         failures.push("channel ids in nudge's log".to_owned());
     }
-    if !exit.is_some_and(|s| s.success()) {
+    if !o.exit.is_some_and(|s| s.success()) {
         failures.push("nudge did not exit 0 on SIGTERM".to_owned());
     }
     if g(&f.protocol_errors) > 0 || g(&f.transport_errors) > 0 {
@@ -241,12 +226,12 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
     if let Some(path) = &args.report {
         let report = json!({
             "clients": args.clients, "burst": args.burst, "topics": args.topics,
-            "seconds": soak_time.as_secs_f64(), "seed": seed,
+            "seconds": o.soak_time.as_secs_f64(), "seed": seed,
             "polls": g(&f.polls), "node_polls": node_polls, "publishes": g(&f.publishes),
             "wakes": g(&f.new_change), "obligations": g(&c.obligations), "woken": g(&c.woken),
             "lost": lost,
             "latency_ms": percentiles.map(|p| p.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>()),
-            "rss_mib": [mib(rss_baseline), mib(rss_peak), mib(rss_after)],
+            "rss_mib": [mib(o.rss_baseline), mib(o.rss_peak), mib(o.rss_after)],
             "failures": failures,
         });
         let _ = std::fs::write(
