@@ -254,3 +254,30 @@ pub fn listening_address(line: &str, role: &str) -> Option<SocketAddr> {
         .collect();
     value.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::listening_address;
+
+    #[test]
+    fn listening_lines_in_text_and_json() {
+        let text = "2026-01-01T00:00:00Z  INFO nudge::server: listening public=127.0.0.1:8080";
+        assert_eq!(
+            listening_address(text, "public"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(listening_address(text, "internal"), None);
+        let json = r#"{"message":"listening","internal":"127.0.0.1:9090","level":"INFO"}"#;
+        assert_eq!(
+            listening_address(json, "internal"),
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(
+            listening_address(
+                r#"{"message":"configured","public":"127.0.0.1:1"}"#,
+                "public"
+            ),
+            None
+        );
+    }
+}

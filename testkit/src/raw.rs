@@ -330,3 +330,22 @@ fn is_stale(error: &io::Error) -> bool {
         io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_complete_only_with_its_whole_body_and_leaves_what_follows() {
+        let two = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nokHTTP/1.1";
+        assert!(parse_response(&two[..40]).unwrap().is_none());
+        let (res, used) = parse_response(two).unwrap().unwrap();
+        assert_eq!((res.status, res.text(), used), (200, "ok", two.len() - 8));
+        assert!(res.closes());
+        let chunked =
+            b"HTTP/1.1 404 Not Found\r\ntransfer-encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n";
+        let (res, used) = parse_response(chunked).unwrap().unwrap();
+        assert_eq!((res.status, res.text(), used), (404, "no", chunked.len()));
+        assert!(parse_response(b"HTTP/1.1 abc\r\n\r\n").is_err());
+    }
+}
