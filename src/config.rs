@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
-use crate::hub::Limits;
+use crate::hub::{Caps, Limits};
 
 /// Exit code for a bad configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -43,6 +43,14 @@ pub struct Args {
     /// Parked polls (and held polls) on the node [default: open-files limit minus a reserve].
     #[arg(long, env = "NUDGE_MAX_PARKED")]
     pub max_parked: Option<usize>,
+    /// Live channels on the node; one more registration is answered 503 too_many_channels
+    /// [default: a quarter of the node's memory / 1 KiB].
+    #[arg(long, env = "NUDGE_MAX_CHANNELS")]
+    pub max_channels: Option<usize>,
+    /// Bytes of distinct topic names bound by live channels (`64MiB`, `1GB` or plain bytes);
+    /// past it a registration is answered 503 too_many_channels [default: memory / 16].
+    #[arg(long, env = "NUDGE_MAX_TOPIC_BYTES", value_parser = parse_size)]
+    pub max_topic_bytes: Option<usize>,
     /// Polls parked on one channel at once; one more is answered 429.
     #[arg(long, env = "NUDGE_MAX_POLLS_PER_CHANNEL", default_value_t = 4)]
     pub max_polls_per_channel: usize,
@@ -98,6 +106,8 @@ pub struct Config {
     pub public_url: Option<String>,
     pub limits: Limits,
     pub max_parked: Option<usize>,
+    /// `--max-channels` and `--max-topic-bytes`, defaults resolved from the node's memory.
+    pub caps: Caps,
     pub max_polls_per_channel: usize,
     pub drain_period: Duration,
     pub header_read_timeout: Duration,
@@ -172,6 +182,17 @@ impl Config {
         if a.max_parked == Some(0) {
             return Err("--max-parked must be at least 1".into());
         }
+        if a.max_channels == Some(0) {
+            return Err("--max-channels must be at least 1".into());
+        }
+        if a.max_topic_bytes.is_some_and(|b| b < 256) {
+            return Err("--max-topic-bytes must be at least 256 (one topic name)".into());
+        }
+        let derived = Caps::for_this_node();
+        let caps = Caps {
+            max_channels: a.max_channels.unwrap_or(derived.max_channels),
+            max_topic_bytes: a.max_topic_bytes.unwrap_or(derived.max_topic_bytes),
+        };
         if a.worker_threads
             .is_some_and(|n| !(1..=MAX_WORKER_THREADS).contains(&n))
         {
@@ -247,6 +268,7 @@ impl Config {
                 max_retries: a.max_retries,
             },
             max_parked: a.max_parked,
+            caps,
             max_polls_per_channel: a.max_polls_per_channel,
             drain_period: a.drain_period,
             header_read_timeout: a.header_read_timeout,
@@ -277,6 +299,37 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     }
     humantime::parse_duration(text)
         .map_err(|e| format!("{e} (use e.g. 45s, 10m, or whole seconds)"))
+}
+
+/// A size in bytes: plain digits, or a number with `KB`/`MB`/`GB` (powers of 1000) or
+/// `KiB`/`MiB`/`GiB` (powers of 1024); case and a space before the unit don't matter.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let unit = unit.trim().to_ascii_lowercase();
+    let scale: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "kb" => 1000,
+        "mb" => 1000 * 1000,
+        "gb" => 1000 * 1000 * 1000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{text:?}: use bytes, or a number with KB, MB, GB, KiB, MiB or GiB"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?}: expected a whole number of bytes, e.g. 64MiB"))?;
+    n.checked_mul(scale)
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| format!("{text:?} is too large"))
 }
 
 #[cfg(test)]
@@ -316,6 +369,42 @@ mod tests {
             "read and trimmed"
         );
         assert!(!format!("{c:?}").contains("a-token"));
+    }
+
+    #[test]
+    fn sizes_are_bytes_or_si_or_binary_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
+        assert_eq!(parse_size("64 mib").unwrap(), 64 << 20);
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("10kb").unwrap(), 10_000);
+        for bad in [
+            "",
+            "MiB",
+            "1.5GiB",
+            "-1",
+            "64 parsecs",
+            "99999999999999999999GiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        let c = parse(&["--max-channels", "7", "--max-topic-bytes", "1KiB"]).unwrap();
+        assert_eq!((c.caps.max_channels, c.caps.max_topic_bytes), (7, 1024));
+        let d = parse(&[]).unwrap().caps;
+        assert!(
+            d.max_channels >= 10_000 && d.max_topic_bytes >= 16 << 20,
+            "{d:?}"
+        );
+        assert!(
+            parse(&["--max-channels", "0"])
+                .unwrap_err()
+                .contains("--max-channels")
+        );
+        assert!(
+            parse(&["--max-topic-bytes", "12"])
+                .unwrap_err()
+                .contains("--max-topic-bytes")
+        );
     }
 
     #[test]

@@ -21,6 +21,10 @@ pub enum ApiError {
     TooManyPolls,
     #[error("this node is at its parked-poll limit; retry later or elsewhere")]
     OverCapacity,
+    /// Past `--max-channels` or `--max-topic-bytes`; answered with `Retry-After`.
+    /// The `Retry-After` is set where it is known (`http::internal::register`).
+    #[error("{0}")]
+    TooManyChannels(String),
     #[error("the publish bus is unavailable; nothing was published")]
     BusUnavailable,
     /// A revocation is applied where it was posted before it goes on the bus; this says the
@@ -31,6 +35,19 @@ pub enum ApiError {
     RevokedHereOnly { revoked: usize },
     #[error("not ready: {0}")]
     NotReady(&'static str),
+    /// A browser sent it (`Origin`, or `Sec-Fetch-Site` naming another site): web pages
+    /// must not reach the internal listener.
+    #[error("the internal listener does not take requests from web pages ({0})")]
+    CrossSite(&'static str),
+    /// Without a token, only loopback names reach the internal listener (DNS rebinding).
+    #[error(
+        "without --internal-token-file the internal listener answers only a loopback Host (localhost, 127.0.0.1, [::1])"
+    )]
+    HostNotAllowed,
+    #[error("a body must be sent as application/json (or application/x-ndjson to /v1/publish)")]
+    UnsupportedContentType,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
 }
 
 impl ApiError {
@@ -42,7 +59,12 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyPolls => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::CrossSite(_)
+            | ApiError::HostNotAllowed
+            | ApiError::UnsupportedContentType => StatusCode::FORBIDDEN,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::OverCapacity
+            | ApiError::TooManyChannels(_)
             | ApiError::BusUnavailable
             | ApiError::RevokedHereOnly { .. }
             | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -59,8 +81,13 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::TooManyPolls => "too_many_polls",
             ApiError::OverCapacity => "over_capacity",
+            ApiError::TooManyChannels(_) => "too_many_channels",
             ApiError::BusUnavailable | ApiError::RevokedHereOnly { .. } => "bus_unavailable",
             ApiError::NotReady(_) => "not_ready",
+            ApiError::CrossSite(_) => "cross_site",
+            ApiError::HostNotAllowed => "host_not_allowed",
+            ApiError::UnsupportedContentType => "unsupported_content_type",
+            ApiError::BodyTimeout(_) => "body_timeout",
         }
     }
 

@@ -14,6 +14,12 @@ pub struct Metrics {
     pub parked_polls: IntGauge,
     pub channels: IntGauge,
     pub topics: IntGauge,
+    /// Bytes of the distinct topic names bound by live channels (`--max-topic-bytes`).
+    pub topic_bytes: IntGauge,
+    /// Registrations refused `too_many_channels` (either cap: the gauges tell which).
+    pub registrations_refused_total: IntCounter,
+    /// Positions of topics nobody listens to that were not remembered (count or bytes full).
+    pub positions_refused_total: IntCounter,
     pub open_connections: IntGauge,
     pub polls_total: IntCounterVec,
     pub publishes_total: IntCounterVec,
@@ -82,6 +88,26 @@ impl Metrics {
             topics: gauge(
                 "nudge_topics",
                 "Topic entries: topics with channels, and remembered positions.",
+            ),
+            topic_bytes: gauge(
+                "nudge_topic_bytes",
+                "Bytes of the distinct topic names bound by live channels.",
+            ),
+            registrations_refused_total: reg(
+                &registry,
+                IntCounter::new(
+                    "nudge_registrations_refused_total",
+                    "Registrations refused too_many_channels: --max-channels or --max-topic-bytes reached.",
+                )
+                .unwrap(),
+            ),
+            positions_refused_total: reg(
+                &registry,
+                IntCounter::new(
+                    "nudge_positions_refused_total",
+                    "Positions of topics nobody listens to not remembered: the count or bytes of remembered positions was full.",
+                )
+                .unwrap(),
             ),
             open_connections: gauge(
                 "nudge_open_connections",

@@ -98,12 +98,13 @@ impl Server {
                 "--max-parked is above what the open-files limit allows: accepts will fail first"
             );
         }
-        let hub = Hub::new(
+        let hub = Hub::with_caps(
             HubConfig {
                 limits: config.limits,
                 max_polls_per_channel: config.max_polls_per_channel,
                 max_parked,
             },
+            config.caps,
             metrics,
         );
         let bus = config
@@ -127,6 +128,7 @@ impl Server {
             token: config.internal_token.clone(),
             ready: Default::default(),
             bus: bus.clone(),
+            body_timeout: config.header_read_timeout,
         });
         info!(public = %public_addr, "listening");
         info!(internal = %internal_addr, "listening");
@@ -352,22 +354,79 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
     on_connection: impl Fn(TcpStream),
 ) {
+    let mut failing = AcceptFailures::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
+                    failing.recovered();
                     let _ = stream.set_nodelay(true);
                     on_connection(stream);
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning; the limit is
-                    // --max-parked's job, this is the backstop.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: the pending connection stays in the backlog, so
+                    // accepting again at once would spin. Wait, longer each time, while the
+                    // connections already open (parked polls among them) go on as they were.
+                    let pause = failing.failed(&e, listener.local_addr().ok());
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = became_true(&mut stop) => break,
+                    }
                 }
             },
             _ = became_true(&mut stop) => break,
         }
+    }
+}
+
+/// The accept loop's backoff and its log: one warning per [`ACCEPT_WARN_EVERY`], saying how
+/// many accepts failed since the last one, instead of a line per failure.
+#[derive(Default)]
+struct AcceptFailures {
+    pause: Duration,
+    since_warning: u64,
+    last_warning: Option<tokio::time::Instant>,
+}
+
+/// First and longest wait after a failed accept.
+const ACCEPT_PAUSE: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl AcceptFailures {
+    fn failed(&mut self, error: &io::Error, listener: Option<SocketAddr>) -> Duration {
+        self.since_warning += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_warning
+            .is_none_or(|at| now.duration_since(at) >= ACCEPT_WARN_EVERY)
+        {
+            warn!(
+                %error,
+                listener = ?listener,
+                failures = self.since_warning,
+                "accept failed; backing off (raise the open-files limit or lower --max-parked)"
+            );
+            self.last_warning = Some(now);
+            self.since_warning = 0;
+        }
+        self.pause = (self.pause * 2).clamp(ACCEPT_PAUSE.0, ACCEPT_PAUSE.1);
+        self.pause
+    }
+
+    fn recovered(&mut self) {
+        if self.pause.is_zero() {
+            return;
+        }
+        if self.since_warning > 0 || self.last_warning.is_some() {
+            info!(
+                failures_since_warning = self.since_warning,
+                "accepting again"
+            );
+        }
+        *self = AcceptFailures {
+            last_warning: self.last_warning,
+            ..AcceptFailures::default()
+        };
     }
 }
 

@@ -33,6 +33,9 @@ pub struct InternalState {
     pub ready: AtomicBool,
     /// The publish bus, when `--redis-url` is set.
     pub bus: Option<Arc<Bus>>,
+    /// How long a body may take to arrive once its head has (`--header-read-timeout`):
+    /// a client that announces a body and stalls must not hold a connection forever.
+    pub body_timeout: Duration,
 }
 
 impl InternalState {
@@ -103,6 +106,10 @@ pub async fn handle(req: Request<Incoming>, state: &InternalState) -> Response<B
 
 async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response<Body>, ApiError> {
     super::subscribe::check_host(req.version(), req.headers())?;
+    refuse_browsers(req.headers())?;
+    if state.token.is_none() {
+        loopback_host_only(req.headers())?;
+    }
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     // Probes answer without a token: load balancers and kubelets have none.
@@ -131,7 +138,7 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
         }
         "/v1/channels" => {
             only(&method, Method::POST)?;
-            let registration = parse_register_body(&read_body(req).await?)?;
+            let registration = parse_register_body(&read_body(req, Json::Only, state).await?)?;
             register(state, registration)
         }
         "/v1/publish" => {
@@ -141,7 +148,7 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
-            let body = read_body(req).await?;
+            let body = read_body(req, Json::OrNdjson, state).await?;
             let batch =
                 parse_publish_body(content_type.as_deref(), &body).map_err(ApiError::BadRequest)?;
             let answer = state.publish(batch).await?;
@@ -150,7 +157,7 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
         }
         "/v1/revoke" => {
             only(&method, Method::POST)?;
-            let body: RevokeBody = parse_json(&read_body(req).await?)?;
+            let body: RevokeBody = parse_json(&read_body(req, Json::Only, state).await?)?;
             let filter = body.into_filter()?;
             let revoked = state.revoke(&filter).await?;
             // Subjects and topics name users and objects: counted, not logged.
@@ -226,19 +233,123 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
+/// Which body types a route takes. Anything else is refused before a byte of the body is
+/// read: a web page can send `text/plain` or a form without asking the browser's CORS
+/// preflight, but not JSON.
+#[derive(Clone, Copy)]
+enum Json {
+    Only,
+    OrNdjson,
+}
+
+/// Reads a body of an accepted type, at most [`MAX_BODY`] bytes (an announced larger one is
+/// refused at once) and within `state.body_timeout`.
+async fn read_body(
+    req: Request<Incoming>,
+    accepts: Json,
+    state: &InternalState,
+) -> Result<Bytes, ApiError> {
+    let media_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    let accepted = match media_type {
+        Some(t) if t.eq_ignore_ascii_case("application/json") => true,
+        Some(t) if t.eq_ignore_ascii_case("application/x-ndjson") => {
+            matches!(accepts, Json::OrNdjson)
+        }
+        _ => false,
+    };
+    if !accepted {
+        return Err(ApiError::UnsupportedContentType);
+    }
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(ApiError::PayloadTooLarge { limit: MAX_BODY });
+    }
+    let collect = Limited::new(req.into_body(), MAX_BODY).collect();
+    match tokio::time::timeout(state.body_timeout, collect).await {
+        Err(_) => Err(ApiError::BodyTimeout(state.body_timeout)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e))
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
         {
             Err(ApiError::PayloadTooLarge { limit: MAX_BODY })
         }
-        Err(e) => Err(ApiError::BadRequest(format!(
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!(
             "could not read the body: {e}"
         ))),
     }
+}
+
+/// Refuses what only a browser sends: `Origin` (every cross-origin `POST` carries it) and a
+/// `Sec-Fetch-Site` other than `none` (typed by the user) or `same-origin`. The internal
+/// listener serves no page, so no legitimate caller is a web page.
+fn refuse_browsers(headers: &hyper::HeaderMap) -> Result<(), ApiError> {
+    if headers.contains_key(header::ORIGIN) {
+        return Err(ApiError::CrossSite("it carries Origin"));
+    }
+    for site in headers.get_all("sec-fetch-site") {
+        let site = site.as_bytes();
+        if !site.eq_ignore_ascii_case(b"none") && !site.eq_ignore_ascii_case(b"same-origin") {
+            return Err(ApiError::CrossSite("Sec-Fetch-Site names another site"));
+        }
+    }
+    Ok(())
+}
+
+/// Without a token, a page on a rebound DNS name (`rebind.evil.example` resolving to
+/// 127.0.0.1) would otherwise reach the listener; its `Host` still names the page's site.
+/// HTTP/1.0 requests without `Host` come from no browser and pass.
+fn loopback_host_only(headers: &hyper::HeaderMap) -> Result<(), ApiError> {
+    match headers.get(header::HOST) {
+        None => Ok(()),
+        Some(host) if is_loopback_host(host.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::HostNotAllowed),
+    }
+}
+
+/// `localhost`, `*.localhost` (RFC 6761), an IPv4 address in 127.0.0.0/8 or `[::1]`, each
+/// with an optional port.
+fn is_loopback_host(host: &[u8]) -> bool {
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, port)) if port.is_empty() || port_only(port) => {
+                return ip
+                    .parse::<std::net::Ipv6Addr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            }
+            _ => return false,
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port_only(&format!(":{port}")) => name,
+            Some(_) => return false,
+            None => host,
+        }
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `:` and 1 to 5 digits.
+fn port_only(s: &str) -> bool {
+    s.strip_prefix(':')
+        .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
@@ -404,10 +515,18 @@ pub fn parse_register_body(body: &[u8]) -> Result<Registration, ApiError> {
 
 fn register(state: &InternalState, registration: Registration) -> Result<Response<Body>, ApiError> {
     let topic_count = registration.topics.len();
-    let reg = state
-        .hub
-        .register(registration)
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let reg = match state.hub.register(registration) {
+        Ok(reg) => reg,
+        Err(e @ crate::hub::RegisterError::TooManyChannels { retry_after, .. }) => {
+            let mut res = error(&ApiError::TooManyChannels(e.to_string()));
+            res.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after.as_secs().max(1)),
+            );
+            return Ok(res);
+        }
+        Err(e) => return Err(ApiError::BadRequest(e.to_string())),
+    };
     // A channel id is a credential: logs carry its short hash only.
     debug!(channel = %reg.id.short(), topics = topic_count, "channel registered");
     let stream_type = reg.stream_type.as_deref().unwrap_or("all");
@@ -500,6 +619,36 @@ mod tests {
                 .unwrap_err()
                 .contains("line 2")
         );
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8081",
+            "localhost.",
+            "api.localhost:1",
+            "127.0.0.1",
+            "127.1.2.3:8081",
+            "[::1]",
+            "[::1]:8081",
+        ] {
+            assert!(is_loopback_host(host.as_bytes()), "{host}");
+        }
+        for host in [
+            "rebind.evil.example",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1:8081",
+            "[::2]:8081",
+            "[::1]x",
+            "localhost:",
+            "localhost:808100",
+            "127.0.0.1:80:80",
+            "",
+        ] {
+            assert!(!is_loopback_host(host.as_bytes()), "{host}");
+        }
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub fn error(err: &ApiError) -> Response<Body> {
         ApiError::Unauthorized => {
             h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        // The rest of the body is not read: the connection cannot carry another request.
+        ApiError::PayloadTooLarge { .. } | ApiError::BodyTimeout(_) => {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         _ => {}
     }
     res

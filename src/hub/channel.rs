@@ -84,10 +84,14 @@ impl Channel {
         u64::from(self.reconnects) > u64::from(self.limits.max_retries)
     }
 
-    /// Called whenever the last parked poll leaves: the ttl clock starts again.
+    /// Called whenever the last parked poll leaves: the ttl clock starts again. A list of
+    /// waiters grown past the usual few (a large `--max-polls-per-channel`) is freed too.
     pub fn touch_if_idle(&mut self, now: Instant) {
         if self.waiters.is_empty() {
             self.idle_deadline = Some(now + self.limits.ttl);
+            if self.waiters.capacity() > 4 {
+                self.waiters = Vec::new();
+            }
         }
     }
 
@@ -101,6 +105,34 @@ impl Channel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_waiters_grown_by_a_burst_is_freed_when_the_last_leaves() {
+        let mut ch = Channel {
+            topics: Arc::from(Vec::new()),
+            subject: None,
+            stream_type: None,
+            limits: Limits {
+                ttl: Duration::from_secs(60),
+                retry_timeout: Duration::from_secs(60),
+                max_retries: 10,
+            },
+            reconnects: 0,
+            pending: Pending::default(),
+            waiters: Vec::new(),
+            idle_deadline: None,
+        };
+        for key in 0..100 {
+            ch.waiters.push(Waiter {
+                key,
+                tx: oneshot::channel().0,
+            });
+        }
+        ch.waiters.clear();
+        ch.touch_if_idle(Instant::now());
+        assert_eq!(ch.waiters.capacity(), 0);
+        assert!(ch.idle_deadline.is_some());
+    }
 
     #[test]
     fn a_mark_set_by_seen_positions_is_dropped_but_not_an_unpositioned_one() {

@@ -23,7 +23,7 @@ mod topics;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -116,6 +116,64 @@ pub struct HubConfig {
     pub max_parked: usize,
 }
 
+/// Node-wide caps on what registrations may hold (issue 11.4): a main API that registers in
+/// a loop gets `503 too_many_channels` instead of taking the node's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caps {
+    /// Live channels on the node.
+    pub max_channels: usize,
+    /// Bytes of the distinct topic names bound by live channels (a name shared by many
+    /// channels counts once). Names remembered only for a position get half of it again.
+    pub max_topic_bytes: usize,
+}
+
+impl Caps {
+    /// Derived from the memory the node may use (the smaller of RAM and the cgroup's limit):
+    /// a channel takes about 0.5 KiB and a topic name about 2.5 times its length once indexed
+    /// (both measured; a remembered position's name about twice), so at these caps channels
+    /// take at most ~1/8 of memory, bound names ~1/6 and remembered positions ~1/16. Raised
+    /// to a floor that any machine holds.
+    pub fn for_memory(bytes: u64) -> Caps {
+        let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+        Caps {
+            max_channels: (bytes / 4 / 1024).max(10_000),
+            max_topic_bytes: (bytes / 16).max(16 << 20),
+        }
+    }
+
+    /// [`Caps::for_memory`] of this node's memory; 1 GiB when it cannot be read.
+    pub fn for_this_node() -> Caps {
+        Caps::for_memory(node_memory().unwrap_or(1 << 30))
+    }
+
+    /// Bytes of topic names remembered only for their latest position.
+    pub fn position_bytes(&self) -> usize {
+        self.max_topic_bytes / 2
+    }
+}
+
+/// The memory this process may use: RAM, or less if a cgroup (v2 or v1) limits it.
+fn node_memory() -> Option<u64> {
+    let ram = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse::<u64>().ok())
+    .min();
+    match (ram, cgroup) {
+        (Some(r), Some(c)) => Some(r.min(c)),
+        (r, c) => r.or(c),
+    }
+}
+
 /// What a poll asks besides its channel.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PollRequest {
@@ -168,6 +226,13 @@ pub enum RegisterError {
     BadStreamType,
     #[error("{0} must be at least 1 second")]
     TooShort(&'static str),
+    /// Past `--max-channels` or `--max-topic-bytes`: retry after `retry_after`.
+    #[error("this node holds as many {what} as it may ({limit}); retry later or elsewhere")]
+    TooManyChannels {
+        what: &'static str,
+        limit: usize,
+        retry_after: Duration,
+    },
 }
 
 /// One publish (SPEC §4): wakes the channels on `topic` that want its `stream_type`.
@@ -225,6 +290,12 @@ type ChannelShard = HashMap<ChannelId, Channel, IdHasher>;
 
 pub struct Hub {
     config: HubConfig,
+    caps: Caps,
+    /// Live channels, reserved before a channel is inserted so the cap is never passed.
+    live: AtomicUsize,
+    /// The earliest expiry of an idle channel the last sweep saw: the `Retry-After` of a
+    /// refused registration.
+    next_expiry: Mutex<Option<Instant>>,
     channels: Box<[Mutex<ChannelShard>]>,
     topics: Topics,
     not_live: Mutex<NotLive>,
@@ -237,10 +308,30 @@ pub struct Hub {
 }
 
 impl Hub {
+    /// A hub with the caps derived from this node's memory ([`Caps::for_this_node`]).
     pub fn new(config: HubConfig, metrics: Arc<Metrics>) -> Arc<Hub> {
+        Hub::with_caps(config, Caps::for_this_node(), metrics)
+    }
+
+    pub fn with_caps(config: HubConfig, caps: Caps, metrics: Arc<Metrics>) -> Arc<Hub> {
+        // The defaults are derived from the machine: say what they came to.
+        tracing::info!(
+            max_channels = caps.max_channels,
+            max_topic_bytes = caps.max_topic_bytes,
+            "channel caps"
+        );
         Arc::new(Hub {
-            topics: Topics::new(TOPIC_SHARDS, config.limits.ttl, POSITION_CAPACITY),
+            topics: Topics::new(
+                TOPIC_SHARDS,
+                config.limits.ttl,
+                POSITION_CAPACITY,
+                caps.position_bytes(),
+                metrics.positions_refused_total.clone(),
+            ),
             config,
+            caps,
+            live: AtomicUsize::new(0),
+            next_expiry: Mutex::new(None),
             channels: (0..CHANNEL_SHARDS).map(|_| Mutex::default()).collect(),
             not_live: Mutex::new(NotLive::new(NOT_LIVE_CAPACITY)),
             metrics,
@@ -253,6 +344,10 @@ impl Hub {
 
     pub fn config(&self) -> &HubConfig {
         &self.config
+    }
+
+    pub fn caps(&self) -> Caps {
+        self.caps
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -317,8 +412,36 @@ impl Hub {
                 .map_or(node.max_retries, |m| m.min(node.max_retries)),
         };
 
+        // Reserve the channel's place first: concurrent registrations never pass the cap.
+        if self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.caps.max_channels).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(self.refuse("channels", self.caps.max_channels));
+        }
         let id = ChannelId::random();
-        let names: Arc<[Arc<str>]> = topics.iter().map(|t| self.topics.attach(t, id)).collect();
+        let mut added = 0;
+        let names: Arc<[Arc<str>]> = topics
+            .iter()
+            .map(|t| {
+                let (name, new_bytes) = self.topics.attach(t, id);
+                added += new_bytes;
+                name
+            })
+            .collect();
+        // Names already bound by other channels cost nothing more: only a registration that
+        // brings new bytes past the cap is refused, and undone.
+        if added > 0 && self.topics.bound_bytes() > self.caps.max_topic_bytes {
+            let now = Instant::now();
+            for t in names.iter() {
+                self.topics.detach(t, id, now);
+            }
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(self.refuse("topic bytes", self.caps.max_topic_bytes));
+        }
         let channel = Channel {
             topics: names,
             subject: reg.subject.map(Arc::from),
@@ -331,12 +454,35 @@ impl Hub {
         };
         self.shard(id).lock().insert(id, channel);
         self.metrics.channels.inc();
-        self.metrics.topics.set(self.topics.len() as i64);
+        self.set_topic_gauges();
         Ok(Registered {
             id,
             limits,
             stream_type,
         })
+    }
+
+    /// Counts a refused registration and says when to retry: when the earliest idle channel
+    /// expires (as the last sweep saw it, plus the sweep's second), between 1 s and 60 s.
+    fn refuse(&self, what: &'static str, limit: usize) -> RegisterError {
+        self.metrics.registrations_refused_total.inc();
+        let now = Instant::now();
+        let retry_after = match *self.next_expiry.lock() {
+            Some(at) => at.saturating_duration_since(now) + Duration::from_secs(1),
+            None => Duration::from_secs(5),
+        };
+        RegisterError::TooManyChannels {
+            what,
+            limit,
+            retry_after: retry_after.clamp(Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+
+    fn set_topic_gauges(&self) {
+        self.metrics.topics.set(self.topics.len() as i64);
+        self.metrics
+            .topic_bytes
+            .set(self.topics.bound_bytes() as i64);
     }
 
     pub fn channel_info(&self, id_text: &str) -> Option<ChannelInfo> {
@@ -577,7 +723,7 @@ impl Hub {
                 }
             }
         }
-        self.metrics.topics.set(self.topics.len() as i64);
+        self.set_topic_gauges();
         // No lock held from here on.
         let mut woken = 0;
         for (id, position, tx, clock) in wake {
@@ -706,8 +852,9 @@ impl Hub {
         for t in ch.topics.iter() {
             self.topics.detach(t, id, now);
         }
+        self.live.fetch_sub(1, Ordering::AcqRel);
         self.metrics.channels.dec();
-        self.metrics.topics.set(self.topics.len() as i64);
+        self.set_topic_gauges();
     }
 
     // ---- housekeeping -------------------------------------------------------------------
@@ -716,17 +863,26 @@ impl Hub {
     /// channels expired.
     pub fn sweep(&self, now: Instant) -> usize {
         let mut expired = Vec::new();
+        let mut next_expiry: Option<Instant> = None;
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
-            expired.extend(shard.extract_if(|_, ch| ch.idle_deadline.is_some_and(|d| d <= now)));
+            expired.extend(shard.extract_if(|_, ch| match ch.idle_deadline {
+                Some(d) if d <= now => true,
+                Some(d) => {
+                    next_expiry = Some(next_expiry.map_or(d, |e| e.min(d)));
+                    false
+                }
+                None => false,
+            }));
             shrink_if_sparse(&mut shard);
         }
+        *self.next_expiry.lock() = next_expiry;
         let n = expired.len();
         for (id, ch) in expired {
             self.forget(id, &ch);
         }
         self.topics.sweep(now);
-        self.metrics.topics.set(self.topics.len() as i64);
+        self.set_topic_gauges();
         self.not_live.lock().sweep(now);
         n
     }
@@ -792,8 +948,6 @@ async fn answer_spread(
     gone
 }
 
-/// The time a poll stays parked (SPEC §3): `retry_timeout` minus a grace of
-/// `min(10 s, retry_timeout / 10)`, minus a random jitter of up to 10 % of that.
 /// Gives memory back after a burst: a HashMap keeps its largest capacity once emptied, so
 /// the sweep halves the slack of a map that is less than a quarter full.
 pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHasher>(
@@ -804,12 +958,23 @@ pub(crate) fn shrink_if_sparse<K: Eq + std::hash::Hash, V, S: std::hash::BuildHa
     }
 }
 
+/// [`shrink_if_sparse`] for a set (a topic's channels).
+pub(crate) fn shrink_set_if_sparse<K: Eq + std::hash::Hash, S: std::hash::BuildHasher>(
+    set: &mut std::collections::HashSet<K, S>,
+) {
+    if set.len() < set.capacity() / 4 {
+        set.shrink_to(set.len() * 2);
+    }
+}
+
 /// How many held polls of not-live ids the node takes at once: 1/8 of `max_parked` (at
 /// least 1), so that made-up ids cannot crowd out polls of real channels.
 pub fn held_share(max_parked: usize) -> usize {
     (max_parked / 8).max(1)
 }
 
+/// The time a poll stays parked (SPEC §3): `retry_timeout` minus a grace of
+/// `min(10 s, retry_timeout / 10)`, minus a random jitter of up to 10 % of that.
 pub fn park_time(retry_timeout: Duration) -> Duration {
     let grace = (retry_timeout / 10).min(Duration::from_secs(10));
     let base = retry_timeout - grace;

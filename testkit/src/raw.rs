@@ -14,8 +14,12 @@ use tokio::time::{Instant, timeout, timeout_at};
 /// Largest response head accepted (nudge's are a few hundred bytes).
 const MAX_HEAD: usize = 64 * 1024;
 
-/// The `Host` of every request written here; its value matters to no server under test.
+/// The `Host` of a poll written here; its value matters to no server under test.
 pub const HOST: &str = "nudge.test";
+
+/// The `Host` of a control request: nudge's internal listener takes only a loopback name
+/// when it has no token.
+pub const CONTROL_HOST: &str = "localhost";
 
 /// One answer: status, headers (names lower-cased), body.
 #[derive(Debug)]
@@ -53,9 +57,10 @@ pub fn get(path: &str, extra: &str) -> String {
     format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\n{extra}\r\n")
 }
 
-/// A whole request: `Content-Type` when given, `Content-Length` unless a bodiless GET.
+/// A whole request, to either listener: `Content-Type` when given, `Content-Length` unless a
+/// bodiless GET.
 pub fn request_bytes(method: &str, path: &str, content_type: Option<&str>, body: &[u8]) -> Vec<u8> {
-    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: {HOST}\r\n");
+    let mut out = format!("{method} {path} HTTP/1.1\r\nHost: {CONTROL_HOST}\r\n");
     if let Some(content_type) = content_type {
         out.push_str(&format!("Content-Type: {content_type}\r\n"));
     }

@@ -270,6 +270,7 @@ async fn oversized_bodies_are_413_or_never_read() {
     let res = s
         .http
         .post(s.internal_url("/v1/publish"))
+        .header("content-type", "application/json")
         .body(big.clone())
         .send()
         .await
@@ -279,7 +280,7 @@ async fn oversized_bodies_are_413_or_never_read() {
     assert_eq!(body["code"], "payload_too_large");
 
     let mut chunked =
-        b"POST /v1/channels HTTP/1.1\r\nHost: nudge\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        b"POST /v1/channels HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..20 {
         chunked.extend_from_slice(format!("{:x}\r\n", 64 * 1024).as_bytes());
         chunked.extend_from_slice(&[b' '; 64 * 1024]);
@@ -350,7 +351,7 @@ async fn invalid_utf8_and_percent_encoding() {
         ("/v1/revoke", &b"{\"subject\":\"\xed\xa0\x80\"}"[..]),
     ] {
         req = format!(
-            "POST {path} HTTP/1.1\r\nHost: nudge\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )
         .into_bytes();
@@ -360,7 +361,7 @@ async fn invalid_utf8_and_percent_encoding() {
     // NDJSON with a bad line.
     let body = b"{\"topic\":\"a\"}\n\xff\n";
     req = format!(
-        "POST /v1/publish HTTP/1.1\r\nHost: nudge\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/x-ndjson\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -503,6 +504,7 @@ async fn negative_fractional_and_overflowing_positions() {
     let res = s
         .http
         .post(s.internal_url("/v1/publish"))
+        .header("content-type", "application/json")
         .body(r#"{"topic":"pos","position":18446744073709551616}"#)
         .send()
         .await
@@ -599,7 +601,7 @@ async fn expect_100_continue() {
     let body = br#"{"topic":"expect"}"#;
     let mut w = Wire::open(s.internal).await;
     let head = format!(
-        "POST /v1/publish HTTP/1.1\r\nHost: nudge\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        "POST /v1/publish HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
         body.len()
     );
     w.send(head.as_bytes()).await;

@@ -39,6 +39,7 @@ async fn starts_on_free_ports_serves_and_exits_0_on_sigterm() {
     // The environment twins of the flags took effect.
     let reg = body_json(
         http.post(format!("http://{}/v1/channels", node.internal))
+            .header("content-type", "application/json")
             .body(r#"{"topics":["t"]}"#),
     )
     .await;
@@ -115,6 +116,8 @@ fn help_lists_every_flag() {
         "--max-retries",
         "--max-parked",
         "--max-polls-per-channel",
+        "--max-channels",
+        "--max-topic-bytes",
         "--drain-period",
         "--header-read-timeout",
         "--redis-url",

@@ -116,6 +116,7 @@ impl Nudge {
     async fn post(&self, path: &str, body: String, status: u16) -> Value {
         let res = self
             .internal_req(reqwest::Method::POST, path)
+            .header("content-type", "application/json")
             .body(body)
             .send()
             .await
