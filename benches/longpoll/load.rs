@@ -195,9 +195,7 @@ pub async fn request_loop(
     concurrency: usize,
     deadline: Instant,
 ) -> LoopResult {
-    let next = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(AtomicUsize::new(0));
-    let completed = Arc::new(AtomicUsize::new(0));
+    let tally = Arc::new(Tally::default());
     let mut workers = JoinSet::new();
     let mut connections = Vec::new();
     for _ in 0..concurrency.max(1) {
@@ -214,41 +212,20 @@ pub async fn request_loop(
     }
     let start = Instant::now();
     for mut connection in connections {
-        let (make, next, errors, completed) = (
-            make.clone(),
-            next.clone(),
-            errors.clone(),
-            completed.clone(),
-        );
+        let (make, tally) = (make.clone(), tally.clone());
         workers.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total || Instant::now() >= deadline {
-                    break;
-                }
+            while let Some(i) = tally.claim(total, deadline) {
                 let (path, content_type, body) = make(i);
                 let answer = tokio::time::timeout_at(
                     deadline,
                     connection.request("POST", &path, content_type, &body),
                 )
                 .await;
-                match answer {
-                    Ok(Ok(response)) if (200..300).contains(&response.status) => {
-                        completed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                tally.record(matches!(answer, Ok(Ok(r)) if (200..300).contains(&r.status)));
             }
         });
     }
-    while workers.join_next().await.is_some() {}
-    LoopResult {
-        completed: completed.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        elapsed: start.elapsed(),
-    }
+    tally.result(workers, start).await
 }
 
 /// `total` short connections made by `concurrency` workers: connect, send `GET path`, read the
@@ -262,25 +239,14 @@ pub async fn connection_loop(
     sources: usize,
     deadline: Instant,
 ) -> LoopResult {
-    let next = Arc::new(AtomicUsize::new(0));
-    let errors = Arc::new(AtomicUsize::new(0));
-    let completed = Arc::new(AtomicUsize::new(0));
+    let tally = Arc::new(Tally::default());
     let request: Arc<[u8]> = http::request_bytes("GET", &path, None, b"").into();
     let start = Instant::now();
     let mut workers = JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let (next, errors, completed, request) = (
-            next.clone(),
-            errors.clone(),
-            completed.clone(),
-            request.clone(),
-        );
+        let (tally, request) = (tally.clone(), request.clone());
         workers.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= total || Instant::now() >= deadline {
-                    break;
-                }
+            while let Some(i) = tally.claim(total, deadline) {
                 let once = async {
                     let mut stream =
                         http::connect_from(http::source_address(i, sources), target).await?;
@@ -288,21 +254,41 @@ pub async fn connection_loop(
                     let mut buf = Vec::with_capacity(512);
                     http::read_response(&mut stream, &mut buf).await
                 };
-                match tokio::time::timeout_at(deadline, once).await {
-                    Ok(Ok(response)) if response.status == 200 => {
-                        completed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                let answer = tokio::time::timeout_at(deadline, once).await;
+                tally.record(matches!(answer, Ok(Ok(r)) if r.status == 200));
             }
         });
     }
-    while workers.join_next().await.is_some() {}
-    LoopResult {
-        completed: completed.load(Ordering::Relaxed),
-        errors: errors.load(Ordering::Relaxed),
-        elapsed: start.elapsed(),
+    tally.result(workers, start).await
+}
+
+/// What the workers of a closed loop share: the next request's number and the outcomes.
+#[derive(Default)]
+struct Tally {
+    next: AtomicUsize,
+    completed: AtomicUsize,
+    errors: AtomicUsize,
+}
+
+impl Tally {
+    /// The number of the next request to make, while there is one and `deadline` is ahead.
+    fn claim(&self, total: usize, deadline: Instant) -> Option<usize> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        (i < total && Instant::now() < deadline).then_some(i)
+    }
+
+    fn record(&self, ok: bool) {
+        let counter = if ok { &self.completed } else { &self.errors };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Waits for every worker, then counts from `start`.
+    async fn result(&self, mut workers: JoinSet<()>, start: Instant) -> LoopResult {
+        while workers.join_next().await.is_some() {}
+        LoopResult {
+            completed: self.completed.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            elapsed: start.elapsed(),
+        }
     }
 }

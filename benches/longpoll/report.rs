@@ -392,34 +392,30 @@ impl Results<'_> {
         let wake = |s: &str, scenario, f: fn(&crate::runs::Wake) -> f64| {
             self.park_median(s, scenario, n_max, |r| r.wake.as_ref().map(f))
         };
+        // A wake figure of nudge against the floor's, within 15 %.
+        let mut judge_wake =
+            |what: String, unit: &str, scenario, f: fn(&crate::runs::Wake) -> f64| {
+                judge(
+                    what,
+                    1.15,
+                    unit,
+                    wake("nudge", scenario, f),
+                    wake("floor", scenario, f),
+                );
+            };
         let p99 = |w: &crate::runs::Wake| w.p99_ms;
         let cpu_per_answer = |w: &crate::runs::Wake| 1000.0 * w.server_cpu_ms / w.answered as f64;
         for (label, scenario) in [
             ("one topic", Scenario::OneTopic),
             ("a channel per poll", Scenario::OneTopicChannelEach),
         ] {
-            judge(
-                format!("wake p99, one publish to {n_max} parked ({label})"),
-                1.15,
-                "ms",
-                wake("nudge", scenario, p99),
-                wake("floor", scenario, p99),
-            );
-            judge(
-                format!("server CPU per answer ({label})"),
-                1.15,
-                "µs",
-                wake("nudge", scenario, cpu_per_answer),
-                wake("floor", scenario, cpu_per_answer),
-            );
+            let what = format!("wake p99, one publish to {n_max} parked ({label})");
+            judge_wake(what, "ms", scenario, p99);
+            let what = format!("server CPU per answer ({label})");
+            judge_wake(what, "µs", scenario, cpu_per_answer);
         }
-        judge(
-            format!("wake p99, {n_max} topics of one poll each"),
-            1.15,
-            "ms",
-            wake("nudge", Scenario::NTopics, p99),
-            wake("floor", Scenario::NTopics, p99),
-        );
+        let what = format!("wake p99, {n_max} topics of one poll each");
+        judge_wake(what, "ms", Scenario::NTopics, p99);
         let per_poll = |s: &str| {
             let scenario = Scenario::OneTopicChannelEach;
             if n_max > n_min {

@@ -7,13 +7,14 @@
 //! - **Nchan**: Debian's nginx with `libnginx-mod-nchan`, configured by [`crate::nchan`] under a
 //!   temporary prefix. Parked polls are counted by `nchan_stub_status`'s `subscribers` line.
 
-use std::collections::VecDeque;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
+
+use nudge_testkit::node::{FREE_PORTS, Options};
+use nudge_testkit::signal;
 
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -101,10 +102,32 @@ const NCHAN_MESSAGE: &[u8] = br#"{"message":"new_change"}"#;
 /// one-request-per-message publishes).
 const CONTROL_CONNECTIONS: usize = 8;
 
+/// A server's process: nudge or the floor, which log their addresses, or nginx's master.
+enum Process {
+    Logged(nudge_testkit::Node),
+    Nginx(Child),
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        match self {
+            Process::Logged(node) => node.pid(),
+            Process::Nginx(child) => child.id(),
+        }
+    }
+
+    fn exited(&mut self) -> bool {
+        match self {
+            Process::Logged(node) => node.try_exit().is_some(),
+            Process::Nginx(child) => matches!(child.try_wait(), Ok(Some(_))),
+        }
+    }
+}
+
 /// A running server process (or nginx master with its workers).
 pub struct Server {
     pub kind: Kind,
-    child: Child,
+    process: Process,
     /// Where clients poll.
     pub public: SocketAddr,
     /// Where registrations, publishes and counters go.
@@ -112,8 +135,6 @@ pub struct Server {
     control: Connection,
     /// Nchan's temporary prefix, removed on stop.
     prefix: Option<PathBuf>,
-    /// nudge's last log lines, for error messages.
-    log_tail: Arc<Mutex<VecDeque<String>>>,
 }
 
 /// What starting a server needs.
@@ -145,11 +166,8 @@ impl Server {
     async fn start_nudge(binary: &PathBuf) -> Result<Server, String> {
         let mut command = Command::new(binary);
         command
+            .args(FREE_PORTS)
             .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
                 "--max-parked",
                 "30000",
                 "--retry-timeout",
@@ -166,63 +184,21 @@ impl Server {
 
     /// Starts nudge or the floor, which both log `listening public=ADDR` and
     /// `listening internal=ADDR` on stderr.
-    async fn start_logging(kind: Kind, mut command: Command) -> Result<Server, String> {
-        let name = kind.name();
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("cannot start {name}: {e}"))?;
-        let stderr = child.stderr.take().expect("piped");
-        let log_tail = Arc::new(Mutex::new(VecDeque::new()));
-        let (found_tx, found_rx) = std::sync::mpsc::channel();
-        let tail = log_tail.clone();
-        // The log is read to its end on a thread of its own, so the pipe never fills and blocks
-        // nudge; the listening lines are passed on as they come.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                for role in ["public", "internal"] {
-                    if let Some(addr) = listening_address(&line, role) {
-                        let _ = found_tx.send((role, addr));
-                    }
-                }
-                let mut tail = tail.lock().expect("log tail");
-                if tail.len() == 20 {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
-        });
-        let (mut public, mut internal) = (None, None);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while public.is_none() || internal.is_none() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match found_rx.recv_timeout(left) {
-                Ok(("public", addr)) => public = Some(addr),
-                Ok((_, addr)) => internal = Some(addr),
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    let tail = log_tail.lock().expect("log tail");
-                    let tail: Vec<&str> = tail.iter().map(String::as_str).collect();
-                    return Err(format!(
-                        "{name} did not log both listening addresses within 10 s; its log ends:\n  {}",
-                        tail.join("\n  ")
-                    ));
-                }
-            }
-        }
-        let internal = internal.expect("found");
+    async fn start_logging(kind: Kind, command: Command) -> Result<Server, String> {
+        let options = Options {
+            within: Duration::from_secs(10),
+            keep: 20,
+            log_file: None,
+        };
+        let node = nudge_testkit::Node::spawn(command, options)
+            .map_err(|e| format!("{}: {e}", kind.name()))?;
         Ok(Server {
             kind,
-            child,
-            public: public.expect("found"),
-            internal,
-            control: Connection::new(internal),
+            public: node.public,
+            internal: node.internal,
+            control: Connection::new(node.internal),
+            process: Process::Logged(node),
             prefix: None,
-            log_tail,
         })
     }
 
@@ -242,21 +218,20 @@ impl Server {
             .map_err(|e| format!("cannot start {}: {e}", install.nginx.display()))?;
         let mut server = Server {
             kind: Kind::Nchan { workers },
-            child,
+            process: Process::Nginx(child),
             public: setup.public,
             internal: setup.internal,
             control: Connection::new(setup.internal),
             prefix: Some(setup.prefix),
-            log_tail: Arc::default(),
         };
         // Ready when its status location answers and all its workers exist.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let workers_up = procfs::children(server.child.id()).len() >= workers as usize;
+            let workers_up = procfs::children(server.process.pid()).len() >= workers as usize;
             if workers_up && server.parked().await.is_ok() {
                 return Ok(server);
             }
-            if Instant::now() >= deadline || matches!(server.child.try_wait(), Ok(Some(_))) {
+            if Instant::now() >= deadline || server.process.exited() {
                 let log = server.prefix.as_ref().map(|p| p.join("error.log"));
                 let log = log
                     .and_then(|p| std::fs::read_to_string(p).ok())
@@ -272,7 +247,7 @@ impl Server {
 
     /// Every pid whose memory and CPU count: nudge's one process, or nginx's master and workers.
     pub fn pids(&self) -> Vec<u32> {
-        let master = self.child.id();
+        let master = self.process.pid();
         let mut pids = vec![master];
         if self.kind.is_nchan() {
             pids.extend(procfs::children(master));
@@ -552,24 +527,26 @@ impl Server {
     /// Stops the server and waits for every one of its processes to be gone.
     pub async fn stop(mut self) {
         let pids = self.pids();
-        match self.kind {
+        match &mut self.process {
             // nudge holds nothing worth a graceful drain here; its clients are already gone.
-            Kind::Nudge | Kind::Floor => {
-                let _ = self.child.kill();
-            }
+            Process::Logged(node) => node.kill(),
             // SIGTERM is nginx's fast shutdown. Its workers do not die with a killed master, so
             // the master must be asked, and the workers checked.
-            Kind::Nchan { .. } => signal(&pids[..1], "TERM"),
+            Process::Nginx(_) => {
+                signal(&pids[..1], "TERM");
+            }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let master_done = matches!(self.child.try_wait(), Ok(Some(_)));
+            let master_done = self.process.exited();
             if master_done && !pids[1..].iter().any(|&pid| procfs::alive(pid)) {
                 break;
             }
             if Instant::now() >= deadline {
                 signal(&pids, "KILL");
-                let _ = self.child.wait();
+                if let Process::Nginx(child) = &mut self.process {
+                    let _ = child.wait();
+                }
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -581,30 +558,16 @@ impl Server {
 
     /// nudge's last log lines, for reports of a failure.
     pub fn log_tail(&self) -> String {
-        let tail = self.log_tail.lock().expect("log tail");
-        tail.iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join("\n")
+        match &self.process {
+            Process::Logged(node) => node.logs().join("\n"),
+            Process::Nginx(_) => String::new(),
+        }
     }
 }
 
 /// Topic `i` of the N-topics scenario.
 pub fn topic_name(i: usize) -> String {
     format!("t{i}")
-}
-
-/// Sends a signal with kill(1): the bench stays free of `unsafe`, and these are the bench's own
-/// children, named by pid.
-fn signal(pids: &[u32], name: &str) {
-    if pids.is_empty() {
-        return;
-    }
-    let _ = Command::new("kill")
-        .arg(format!("-{name}"))
-        .args(pids.iter().map(u32::to_string))
-        .stderr(Stdio::null())
-        .status();
 }
 
 /// The value of `name` in Prometheus text (`name 12`, `name{a="b"} 12`: summed over label sets)
@@ -627,21 +590,6 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         })
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
-}
-
-/// Finds `role=ADDR` in a `listening` log line.
-fn listening_address(line: &str, role: &str) -> Option<SocketAddr> {
-    if !line.contains("listening") {
-        return None;
-    }
-    let key = format!("{role}=");
-    let at = line.find(&key)? + key.len();
-    let value: String = line[at..]
-        .trim_start_matches('"')
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '"' && *c != ',')
-        .collect();
-    value.parse().ok()
 }
 
 /// The path and query of `entries[0].url` in a registration answer.

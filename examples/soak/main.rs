@@ -81,10 +81,22 @@
 //! `s` and stops while the client deliberately pauses between polls (a paused client is not
 //! polling, so nothing can reach it); it does not stop for anything nudge does. Obligations
 //! still open when a client leaves are dropped (counted), unless already overdue.
+//!
+//! ## The tour
+//! - `node`: one `nudge` process (the test kit's launcher), its log file, metrics and memory.
+//! - `client`: a client's life over raw HTTP/1.1 (the test kit's client).
+//! - `publish`: the main API's publisher, and the bus tracker.
+//! - `checker`: the ledger of obligations and the rule above.
+//! - `drills`: Redis killed and restarted; a node drained and restarted.
+//! - `report`: the figures, the JSON report and the verdict.
+//! - here: the flags, the shared state, and the run from start to verdict.
 
 mod checker;
-mod http;
+mod client;
+mod drills;
 mod node;
+mod publish;
+mod report;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -101,9 +113,13 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep};
 
-use checker::{Book, Kind, Ledger, Published};
-use http::Conn;
+use checker::{Book, Kind, Ledger};
+use client::{Life, client};
+use drills::{drain_drill, redis_drill};
 use node::Node;
+use nudge_testkit::redis::RedisServer;
+use publish::{publisher, tracker};
+use report::{Outcome, report};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -348,621 +364,6 @@ impl Ctx {
     }
 }
 
-/// Resolves once the flag is set.
-async fn stopped(mut rx: watch::Receiver<bool>) {
-    while !*rx.borrow_and_update() {
-        if rx.changed().await.is_err() {
-            return;
-        }
-    }
-}
-
-enum Life {
-    /// Polls until the end, leaving and coming back now and then.
-    Resident,
-    /// Arrives with the burst, stays this long, and leaves for good.
-    Visitor(Duration),
-}
-
-/// How a client that gives up on a parked poll leaves (issue 11.1): with nothing, or with
-/// bytes queued behind the poll, or having announced a body it never finished; by FIN or RST.
-#[derive(Clone, Copy)]
-struct Leaving {
-    trailer: &'static [u8],
-    /// The poll announced `Content-Length: 2` and sent one byte: its connection is never
-    /// reused, even when the answer came first.
-    partial_body: bool,
-    reset: bool,
-}
-
-impl Leaving {
-    const PLAIN: Leaving = Leaving {
-        trailer: b"",
-        partial_body: false,
-        reset: false,
-    };
-
-    fn pick(rng: &mut fastrand::Rng) -> Leaving {
-        const TRAILERS: [&[u8]; 4] = [
-            b"",
-            b"\r\n",
-            b"x",
-            b"GET /subscribe?channel=pipelined HTTP/1.1\r\nHost: soak\r\n\r\n",
-        ];
-        Leaving {
-            trailer: TRAILERS[rng.usize(..TRAILERS.len())],
-            partial_body: rng.u8(..) < 40,
-            reset: rng.bool(),
-        }
-    }
-}
-
-enum PollEnd {
-    Answer(String),
-    Status(u16),
-    Cancelled,
-    Transport,
-    Stop,
-}
-
-async fn client(ctx: Arc<Ctx>, slot: usize, life: Life, mut rng: fastrand::Rng) {
-    let a = &ctx.args;
-    let kind = ctx.ledger.kind(slot);
-    let park_max = a.retry_timeout;
-    let arrived = Instant::now();
-    let mut first_poll = true;
-    'life: loop {
-        ctx.ledger.start_incarnation(slot, ctx.head());
-        let Some(mut channel) = ctx.register_retrying(slot).await else {
-            break 'life;
-        };
-        let mut conn: Option<Conn> = None;
-        loop {
-            if *ctx.stop_clients.borrow() {
-                break 'life;
-            }
-            let position = match kind {
-                Kind::Cursor => format!("&stream_position={}", ctx.ledger.cursor(slot)),
-                Kind::Mark if rng.bool() => "&stream_position=now".to_owned(),
-                Kind::Mark => String::new(),
-            };
-            let cancel_after =
-                (rng.f64() < a.cancel_prob).then(|| park_max.mul_f64(0.05 + 0.9 * rng.f64()));
-            // Half the clients that will give up leave with bytes behind their poll.
-            let leaving = match cancel_after {
-                Some(_) if rng.bool() => Leaving::pick(&mut rng),
-                _ => Leaving::PLAIN,
-            };
-            let body = if leaving.partial_body {
-                "Content-Length: 2\r\n\r\na"
-            } else {
-                "\r\n"
-            };
-            let request = format!(
-                "GET {}{position} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer soak-api-token-{slot}\r\nUser-Agent: nudge-soak\r\n{body}",
-                channel.target, channel.node.public
-            );
-            let (end, sent) = poll_once(
-                &ctx,
-                &mut conn,
-                channel.node.public,
-                &request,
-                cancel_after.map(|after| (after, leaving)),
-            )
-            .await;
-            if first_poll {
-                first_poll = false;
-                if matches!(life, Life::Visitor(_)) {
-                    ctx.figures.burst_parked.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            match end {
-                PollEnd::Stop => break 'life,
-                PollEnd::Answer(m) if m == "new_change" => {
-                    inc(&ctx.figures.new_change);
-                    ctx.ledger.new_change(slot, ctx.head());
-                }
-                PollEnd::Answer(m) if m == "reconnect" => inc(&ctx.figures.reconnect),
-                PollEnd::Answer(m) if m == "max_retries" => {
-                    inc(&ctx.figures.max_retries);
-                    ctx.ledger.max_retries(slot, sent, channel.node.internal);
-                    match ctx.register_retrying(slot).await {
-                        Some(c) => {
-                            // The new channel may live on another node: so must the socket.
-                            if c.node.public != channel.node.public {
-                                conn = None;
-                            }
-                            channel = c;
-                        }
-                        None => break 'life,
-                    }
-                }
-                PollEnd::Answer(m) => ctx.protocol_error(format!("poll answered {m:?}")),
-                PollEnd::Status(429) => {
-                    inc(&ctx.figures.too_many_polls);
-                    sleep(Duration::from_millis(50)).await;
-                }
-                PollEnd::Status(503) => {
-                    inc(&ctx.figures.over_capacity);
-                    sleep(Duration::from_millis(200)).await;
-                }
-                PollEnd::Status(s) => ctx.protocol_error(format!("poll answered status {s}")),
-                PollEnd::Cancelled => {
-                    inc(&ctx.figures.cancelled);
-                    ctx.ledger.cancelled(slot);
-                }
-                PollEnd::Transport => {
-                    ctx.ledger.cancelled(slot);
-                    if ctx.node_current(&channel.node) {
-                        inc(&ctx.figures.transport_errors);
-                        sleep(Duration::from_millis(50)).await;
-                    }
-                }
-            }
-            if !ctx.node_current(&channel.node) {
-                // Its node is draining or gone: back to the main API for a URL elsewhere.
-                inc(&ctx.figures.moved);
-                ctx.ledger.node_lost(slot);
-                drop(conn.take());
-                match ctx.register_retrying(slot).await {
-                    Some(c) => channel = c,
-                    None => break 'life,
-                }
-            }
-            match life {
-                Life::Visitor(stay) if arrived.elapsed() > stay => break 'life,
-                Life::Resident if rng.f64() < a.leave_prob => {
-                    // Away for longer than ttl: the channel must expire meanwhile.
-                    ctx.ledger.leave(slot);
-                    inc(&ctx.figures.leaves);
-                    drop(conn.take());
-                    let away = a.ttl + Duration::from_millis(2500 + rng.u64(0..1000));
-                    tokio::select! {
-                        _ = sleep(away) => {}
-                        _ = stopped(ctx.stop_clients.clone()) => return,
-                    }
-                    check_expired(&ctx, &channel).await;
-                    continue 'life;
-                }
-                _ => {}
-            }
-            if rng.f64() < a.pause_prob {
-                let pause = a.pause_max.mul_f64(rng.f64());
-                ctx.ledger.pause_begin(slot);
-                tokio::select! {
-                    _ = sleep(pause) => {}
-                    _ = stopped(ctx.stop_clients.clone()) => {}
-                }
-                ctx.ledger.pause_end(slot);
-            }
-        }
-    }
-    ctx.ledger.leave(slot);
-}
-
-/// Sends one poll and waits for its end. Returns the end and when the request was written.
-async fn poll_once(
-    ctx: &Ctx,
-    conn: &mut Option<Conn>,
-    addr: SocketAddr,
-    request: &str,
-    cancel: Option<(Duration, Leaving)>,
-) -> (PollEnd, Instant) {
-    let (cancel_after, leaving) = cancel.unzip();
-    let leaving = leaving.unwrap_or(Leaving::PLAIN);
-    let mut c = match conn.take() {
-        Some(c) => c,
-        None => match Conn::connect(addr).await {
-            Ok(c) => c,
-            Err(_) => return (PollEnd::Transport, Instant::now()),
-        },
-    };
-    if c.send(request.as_bytes()).await.is_err() {
-        return (PollEnd::Transport, Instant::now());
-    }
-    let sent = Instant::now();
-    inc(&ctx.figures.polls);
-    let cancel = sleep(cancel_after.unwrap_or(Duration::from_secs(3600)));
-    let res = tokio::select! {
-        res = c.read_response() => Some(res),
-        _ = cancel => None,
-        _ = stopped(ctx.stop_clients.clone()) => return (PollEnd::Stop, sent),
-    };
-    let res = match res {
-        Some(Ok(r)) => r,
-        Some(Err(_)) => return (PollEnd::Transport, sent),
-        None => match c.try_complete() {
-            // The answer was already here: it was delivered, not cancelled.
-            Some(r) => {
-                inc(&ctx.figures.answered_at_cancel);
-                r
-            }
-            None => {
-                if !leaving.trailer.is_empty() || leaving.partial_body || leaving.reset {
-                    inc(&ctx.figures.left_with_bytes_or_reset);
-                }
-                c.leave(leaving.trailer, leaving.reset).await;
-                return (PollEnd::Cancelled, sent);
-            }
-        },
-    };
-    if !res.close && !leaving.partial_body {
-        *conn = Some(c);
-    }
-    if res.status != 200 {
-        return (PollEnd::Status(res.status), sent);
-    }
-    match http::message(&res.body) {
-        Some(m) => (PollEnd::Answer(m), sent),
-        None => {
-            ctx.protocol_error(format!(
-                "unparsable answer {:?}",
-                String::from_utf8_lossy(&res.body)
-            ));
-            (PollEnd::Status(0), sent)
-        }
-    }
-}
-
-/// After a client's absence longer than ttl, its old channel must be gone.
-async fn check_expired(ctx: &Ctx, channel: &Registered) {
-    let url = format!(
-        "http://{}/v1/channels/{}",
-        channel.node.internal, channel.id
-    );
-    match ctx.http.get(url).send().await {
-        Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => inc(&ctx.figures.expired_on_time),
-        Ok(_) => inc(&ctx.figures.expiry_late),
-        Err(_) => {} // its node is gone (drills): nothing to check
-    }
-}
-
-/// The main API's publisher: appends to its log, then publishes to nudge.
-async fn publisher(ctx: Arc<Ctx>, mut rng: fastrand::Rng) {
-    let a = &ctx.args;
-    let hot = hot_topics(a.topics);
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / a.publish_rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut n = 0u64;
-    while !ctx.stop_publisher.load(Ordering::Acquire) {
-        tick.tick().await;
-        n += 1;
-        let entries = if rng.f64() < 0.8 { 1 } else { rng.usize(2..=4) };
-        let mut batch = Vec::with_capacity(entries);
-        for _ in 0..entries {
-            let topic = if rng.bool() || hot == a.topics {
-                rng.usize(0..hot)
-            } else {
-                rng.usize(hot..a.topics)
-            } as u32;
-            let stream_type = match rng.u8(0..10) {
-                0..5 => None,
-                5..8 => Some("changes"),
-                _ => Some("admin_logs"),
-            };
-            let position = ctx.head.fetch_add(1, Ordering::AcqRel) + 1;
-            batch.push((topic, position, stream_type));
-        }
-        let object = |&(t, p, st): &(u32, u64, Option<&str>)| {
-            let mut o = json!({ "topic": topic_name(t), "position": p });
-            if let Some(st) = st {
-                o["stream_type"] = json!(st);
-            }
-            o
-        };
-        let (content_type, body) = if entries == 1 {
-            ("application/json", object(&batch[0]).to_string())
-        } else if n.is_multiple_of(2) {
-            (
-                "application/json",
-                Value::Array(batch.iter().map(object).collect()).to_string(),
-            )
-        } else {
-            (
-                "application/x-ndjson",
-                batch
-                    .iter()
-                    .map(|e| object(e).to_string() + "\n")
-                    .collect::<String>(),
-            )
-        };
-        for attempt in 0..400 {
-            let Some(node) = ctx.pick_node(n as usize + attempt) else {
-                inc(&ctx.figures.publish_retries);
-                sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let sent = Instant::now();
-            let res = ctx
-                .http
-                .post(format!("http://{}/v1/publish", node.internal))
-                .header("content-type", content_type)
-                .body(body.clone())
-                .send()
-                .await;
-            match res {
-                Ok(r) if r.status() == reqwest::StatusCode::OK => {
-                    let answered = Instant::now();
-                    inc(&ctx.figures.publish_requests);
-                    for &(topic, position, stream_type) in &batch {
-                        ctx.published.fetch_max(position, Ordering::AcqRel);
-                        inc(&ctx.figures.publishes);
-                        ctx.ledger.published(&Published {
-                            topic,
-                            position,
-                            stream_type,
-                            sent,
-                            answered,
-                        });
-                    }
-                    break;
-                }
-                Ok(r) if r.status().is_client_error() => {
-                    ctx.protocol_error(format!("publish answered {}", r.status()));
-                    break;
-                }
-                _ => {
-                    inc(&ctx.figures.publish_retries);
-                    sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-}
-
-/// With a bus, finds out when each node has applied the publishes answered so far, for the
-/// checker's `max_retries` rule. The publisher is sequential and its positions grow, so Redis
-/// hands every node the publishes in position order: a node that has applied position p has
-/// applied every publish before it. To ask, the tracker holds probe channels on every node,
-/// bound to all the topics between them, and polls them with `dont_block=true` and
-/// `stream_position=p-1`: `new_change` means a topic's newest position there is at least p
-/// (SPEC §3). The one other way to get `new_change`, the unpositioned mark a gap in the bus
-/// sets on every channel, is cleared by the tracker's next poll; answers to polls sent
-/// around the gap are not used.
-async fn tracker(ctx: Arc<Ctx>) {
-    // Per node process: its probe channels' targets, and the newest position confirmed.
-    let mut probes: std::collections::HashMap<SocketAddr, (Vec<String>, u64)> =
-        std::collections::HashMap::new();
-    let topics: Vec<String> = (0..ctx.args.topics as u32).map(topic_name).collect();
-    // A client of its own: its pooled connections to the public listeners close with it
-    // when the tracker is stopped, so that the leak check does not wait for them.
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("an HTTP client");
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let published = ctx.published.load(Ordering::Acquire);
-        let nodes: Vec<NodeAddrs> = ctx
-            .nodes
-            .read()
-            .iter()
-            .filter(|n| n.up && n.bus_ok)
-            .map(|n| n.addrs)
-            .collect();
-        for node in nodes {
-            let (targets, confirmed) = probes.entry(node.internal).or_default();
-            if published <= *confirmed {
-                continue;
-            }
-            if targets.is_empty() {
-                match register_probes(&ctx, &http, node, &topics).await {
-                    Ok(t) => *targets = t,
-                    Err(_) => continue,
-                }
-            }
-            let sent = Instant::now();
-            let (mut seen, mut lost) = (false, false);
-            for target in targets.iter() {
-                let url = format!(
-                    "http://{}{target}&dont_block=true&stream_position={}",
-                    node.public,
-                    published - 1
-                );
-                let answer = match http.get(url).send().await {
-                    Ok(r) => r.json::<Value>().await.ok(),
-                    Err(_) => None,
-                };
-                match answer.as_ref().and_then(|a| a["message"].as_str()) {
-                    Some("new_change") => seen = true,
-                    Some("no_change") => {}
-                    // Expired or gone (a drill): new probes next time.
-                    _ => lost = true,
-                }
-            }
-            if lost {
-                targets.clear();
-            }
-            if seen && !ctx.ledger.in_bus_gap(sent) {
-                *confirmed = published;
-                ctx.ledger.applied(node.internal, published, Instant::now());
-            }
-        }
-    }
-}
-
-/// Registers the tracker's probe channels on a node: every topic, at most 64 per channel.
-async fn register_probes(
-    ctx: &Ctx,
-    http: &reqwest::Client,
-    node: NodeAddrs,
-    topics: &[String],
-) -> Result<Vec<String>, String> {
-    let mut targets = Vec::new();
-    for chunk in topics.chunks(64) {
-        let res = http
-            .post(format!("http://{}/v1/channels", node.internal))
-            .json(&json!({ "topics": chunk, "subject": "soak:tracker" }))
-            .send()
-            .await
-            .map_err(|e| e.to_string())?;
-        let body: Value = res.json().await.map_err(|e| e.to_string())?;
-        targets.push(ctx.registered_channel(&body)?.1);
-    }
-    Ok(targets)
-}
-
-/// A `redis-server` of the soak's own, on a loopback port, storing nothing.
-async fn start_redis(bin: &str, port: u16) -> Result<tokio::process::Child, String> {
-    let child = tokio::process::Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("cannot start {bin}: {e}"))?;
-    let until = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        if Instant::now() > until {
-            return Err(format!("{bin} is not listening on port {port} after 10 s"));
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
-    Ok(child)
-}
-
-fn signal(pid: Option<u32>, sig: &str) {
-    if let Some(pid) = pid {
-        let _ = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status();
-    }
-}
-
-/// Redis killed (SIGKILL) and restarted on the same port a second later. The main API takes
-/// no node as ready until its bus is back (`nudge_bus_connected` 1).
-async fn redis_drill(
-    ctx: Arc<Ctx>,
-    mut redis: tokio::process::Child,
-    bin: String,
-    port: u16,
-) -> Option<tokio::process::Child> {
-    ctx.ledger.bus_gap_begin();
-    for n in ctx.nodes.write().iter_mut() {
-        n.bus_ok = false;
-    }
-    let killed = Instant::now();
-    signal(redis.id(), "-KILL");
-    let _ = redis.wait().await;
-    sleep(Duration::from_secs(1)).await;
-    let redis = match start_redis(&bin, port).await {
-        Ok(r) => r,
-        Err(e) => {
-            ctx.drill_failures.lock().push(format!("redis drill: {e}"));
-            return None;
-        }
-    };
-    let restarted = killed.elapsed();
-    let until = Instant::now() + Duration::from_secs(30);
-    let mut back = Vec::new();
-    loop {
-        let addrs: Vec<(usize, NodeAddrs, bool)> = ctx
-            .nodes
-            .read()
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (i, n.addrs, n.bus_ok))
-            .collect();
-        let mut all = true;
-        for (i, a, ok) in addrs {
-            if ok {
-                continue;
-            }
-            let url = format!("http://{}/metrics", a.internal);
-            let connected = match ctx.http.get(url).send().await {
-                Ok(r) => r
-                    .text()
-                    .await
-                    .unwrap_or_default()
-                    .lines()
-                    .any(|l| l == "nudge_bus_connected 1"),
-                Err(_) => false,
-            };
-            if connected {
-                ctx.nodes.write()[i].bus_ok = true;
-                back.push(format!("node {i} {:.2}s", killed.elapsed().as_secs_f64()));
-            } else {
-                all = false;
-            }
-        }
-        if all {
-            break;
-        }
-        if Instant::now() > until {
-            ctx.drill_failures
-                .lock()
-                .push("redis drill: a node did not resubscribe within 30 s".to_owned());
-            break;
-        }
-        sleep(Duration::from_millis(20)).await;
-    }
-    ctx.ledger.bus_gap_end();
-    ctx.drill_notes.lock().push(format!(
-        "redis killed and restarted after {:.2}s; resubscribed: {}",
-        restarted.as_secs_f64(),
-        back.join(", ")
-    ));
-    Some(redis)
-}
-
-/// Node `index` is drained with SIGTERM while the main API sends its clients elsewhere, then
-/// started again (new process, new ports) and taken back into rotation.
-async fn drain_drill(
-    ctx: Arc<Ctx>,
-    mut node: Node,
-    index: usize,
-    bin: PathBuf,
-    args: Vec<String>,
-    log: PathBuf,
-) -> Node {
-    let old_epoch = {
-        let mut nodes = ctx.nodes.write();
-        nodes[index].up = false;
-        nodes[index].addrs.epoch
-    };
-    let started = Instant::now();
-    node.sigterm();
-    let exit = node.wait_exit(Duration::from_secs(20)).await;
-    let drained = started.elapsed();
-    if !exit.is_some_and(|s| s.success()) {
-        ctx.drill_failures
-            .lock()
-            .push(format!("drain drill: {} exited {exit:?}", node.name));
-    }
-    let name = format!("{}-restarted", node.name);
-    match Node::start(&name, &bin, &args, log, &ctx.http).await {
-        Ok(new) => {
-            ctx.nodes.write()[index] = NodeSlot {
-                addrs: NodeAddrs {
-                    public: new.public,
-                    internal: new.internal,
-                    index,
-                    epoch: old_epoch + 1,
-                },
-                up: true,
-                bus_ok: true,
-            };
-            ctx.drill_notes.lock().push(format!(
-                "{} drained and exited 0 in {:.2}s; restarted and ready {:.2}s after the SIGTERM",
-                node.name,
-                drained.as_secs_f64(),
-                started.elapsed().as_secs_f64()
-            ));
-            new
-        }
-        Err(e) => {
-            ctx.drill_failures.lock().push(format!("drain drill: {e}"));
-            node
-        }
-    }
-}
-
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -1044,17 +445,10 @@ async fn run(args: Args) -> Result<bool, String> {
     }
     let mut node_args = node_args;
     let mut redis = None;
-    let mut redis_port = 0;
     if args.nodes == 2 {
-        redis_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| e.to_string())?
-            .port();
-        redis = Some(start_redis(&args.redis_server, redis_port).await?);
-        node_args.extend([
-            "--redis-url".to_owned(),
-            format!("redis://127.0.0.1:{redis_port}"),
-        ]);
+        let r = RedisServer::start(&args.redis_server).await?;
+        node_args.extend(["--redis-url".to_owned(), r.url()]);
+        redis = Some(r);
     }
     let mut node = Node::start(
         "node-a",
@@ -1179,12 +573,7 @@ async fn run(args: Args) -> Result<bool, String> {
         if args.drills && redis_task.is_none() && Instant::now() >= redis_drill_at {
             eprintln!("soak: drill: Redis killed and restarted");
             let r = redis.take().expect("started with --nodes 2");
-            redis_task = Some(tokio::spawn(redis_drill(
-                ctx.clone(),
-                r,
-                args.redis_server.clone(),
-                redis_port,
-            )));
+            redis_task = Some(tokio::spawn(redis_drill(ctx.clone(), r)));
         }
         if args.drills && drain_task.is_none() && Instant::now() >= drain_drill_at {
             eprintln!("soak: drill: node-b drained with SIGTERM and restarted");
@@ -1322,10 +711,8 @@ async fn run(args: Args) -> Result<bool, String> {
             exit = e;
         }
     }
-    if let Some(mut r) = redis {
-        signal(r.id(), "-TERM");
-        let _ = tokio::time::timeout(Duration::from_secs(10), r.wait()).await;
-    }
+    // The bus outlives the nodes; it goes with them now.
+    drop(redis);
     let ids = ctx.ids.lock().clone();
     let ids_logged: usize = std::fs::read_dir(&log_dir)
         .map(|d| {
@@ -1335,207 +722,28 @@ async fn run(args: Args) -> Result<bool, String> {
         })
         .unwrap_or(0);
 
-    // The report.
-    let f = &ctx.figures;
-    let c = &ctx.ledger.counts;
-    let g = |x: &AtomicU64| x.load(Ordering::Relaxed);
-    let lost = g(&c.lost);
-    let node_polls: f64 = node_metrics
-        .iter()
-        .filter(|(k, _)| k.starts_with("nudge_polls_total"))
-        .map(|(_, v)| v)
-        .sum();
-    let percentiles = ctx.ledger.latency_percentiles();
-    println!(
-        "nudge-soak: {} clients (+{} burst), {} topics ({hot} hot), {:.0}s, ttl {:?}, retry_timeout {:?}, max_retries {}, seed {seed}",
-        args.clients,
-        args.burst,
-        args.topics,
-        soak_time.as_secs_f64(),
-        args.ttl,
-        args.retry_timeout,
-        args.max_retries
-    );
-    println!(
-        "  polls        {:>9}  (nudge's running processes counted {node_polls}): new_change {}, reconnect {}, max_retries {}, cancelled mid-park {} ({} of them leaving bytes queued or by RST; +{} answered just before), 429 {}, 503 {}",
-        g(&f.polls),
-        g(&f.new_change),
-        g(&f.reconnect),
-        g(&f.max_retries),
-        g(&f.cancelled),
-        g(&f.left_with_bytes_or_reset),
-        g(&f.answered_at_cancel),
-        g(&f.too_many_polls),
-        g(&f.over_capacity)
-    );
-    println!(
-        "  publishes    {:>9}  in {} requests (retried {})",
-        g(&f.publishes),
-        g(&f.publish_requests),
-        g(&f.publish_retries)
-    );
-    println!(
-        "  wakes        {:>9}  (new_change answers received)",
-        g(&f.new_change)
-    );
-    println!(
-        "  obligations  {:>9}: woken {}, covered by an earlier fetch {}; excused: cancel {}, retirement race {}, node gone {}; dropped when leaving {}",
-        g(&c.obligations),
-        g(&c.woken),
-        g(&c.covered_early),
-        g(&c.excused_cancel),
-        g(&c.excused_retire),
-        g(&c.excused_node),
-        g(&c.dropped_at_leave)
-    );
-    if args.nodes > 1 {
-        println!(
-            "  bus tracker  {:>9} times a node was seen to have applied the newest publish",
-            g(&c.applied_seen)
-        );
-    }
-    if let Some([p50, p90, p99, p999, max]) = percentiles {
-        println!(
-            "  latency      p50 {} p90 {} p99 {} p99.9 {} max {}  (publish sent -> new_change received, pauses excluded)",
-            fmt_ms(p50),
-            fmt_ms(p90),
-            fmt_ms(p99),
-            fmt_ms(p999),
-            fmt_ms(max)
-        );
-    }
-    println!(
-        "  churn        registrations {}, leaves {} (old channel expired on return: {}, still there: {})",
-        g(&f.registrations),
-        g(&f.leaves),
-        g(&f.expired_on_time),
-        g(&f.expiry_late)
-    );
-    if args.burst > 0 {
-        match burst_ready {
-            Some(d) => println!(
-                "  burst        {} clients registered and polling within {:.2}s",
-                args.burst,
-                d.as_secs_f64()
-            ),
-            None => println!(
-                "  burst        {} clients: not all polling by the end",
-                args.burst
-            ),
-        }
-    }
-    match drained {
-        Some(d) => println!(
-            "  leak check   channels, parked polls, topics, connections all 0 {:.1}s after the last client left",
-            d.as_secs_f64()
-        ),
-        None => println!(
-            "  leak check   FAILED: {gauges:?} = {last:?} after {:?}",
-            args.ttl * 2 + Duration::from_secs(5)
-        ),
-    }
-    println!(
-        "  memory       rss baseline {:.1} MiB, peak {:.1} MiB, {:.1} MiB {:.0}s after the leak check (allowed {:.1} MiB)",
-        mib(rss_baseline),
-        mib(rss_peak),
-        mib(rss_after),
-        rss_took.as_secs_f64(),
-        mib(rss_baseline + rss_allowance)
-    );
-    println!("  ids in log   {ids_logged} of {} channel ids", ids.len());
-    println!(
-        "  shutdown     SIGTERM to {}: {}",
-        std::iter::once(&node)
+    let outcome = Outcome {
+        seed,
+        burst_ready,
+        soak_time,
+        left,
+        node_metrics,
+        gauges,
+        last,
+        drained,
+        rss_baseline,
+        rss_peak,
+        rss_after,
+        rss_allowance,
+        rss_took,
+        rss_ok,
+        shut_down: std::iter::once(&node)
             .chain(other.as_ref())
-            .map(|n| n.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
-        exit.map_or("did not exit".to_owned(), |s| s.to_string())
-    );
-    for note in ctx.drill_notes.lock().iter() {
-        println!("  drill        {note}");
-    }
-    if args.drills {
-        println!(
-            "  drills       {} obligations published around the bus gap (due 2 s after the nodes' 2 s gap spread), slowest {:.2}s; {} clients moved off the drained node",
-            g(&c.gap_obligations),
-            ctx.ledger.gap_latency_max().as_secs_f64(),
-            g(&f.moved)
-        );
-    }
-    if g(&f.transport_errors) + g(&f.protocol_errors) > 0 {
-        println!(
-            "  errors       transport {}, protocol {}",
-            g(&f.transport_errors),
-            g(&f.protocol_errors)
-        );
-        for s in ctx.protocol_samples.lock().iter() {
-            println!("    {s}");
-        }
-    }
-    for s in ctx.ledger.lost_samples() {
-        println!("    LOST {s}");
-    }
-    if lost > 0 {
-        println!(
-            "  of the lost  {} arrived late (the latest {:.2}s after the publish), {} never did",
-            g(&c.late),
-            ctx.ledger.late_max().as_secs_f64(),
-            g(&c.never)
-        );
-    }
-    println!("lost: {lost}");
-
-    let mut failures = Vec::new();
-    if lost > 0 {
-        failures.push(format!("{lost} changes lost"));
-    }
-    if !left {
-        failures.push("clients did not stop".to_owned());
-    }
-    if drained.is_none() {
-        failures.push("gauges did not return to 0".to_owned());
-    }
-    if !rss_ok {
-        failures.push("resident memory did not return near its baseline".to_owned());
-    }
-    if ids_logged > 0 {
-        failures.push("channel ids in nudge's log".to_owned());
-    }
-    if !exit.is_some_and(|s| s.success()) {
-        failures.push("nudge did not exit 0 on SIGTERM".to_owned());
-    }
-    if g(&f.protocol_errors) > 0 || g(&f.transport_errors) > 0 {
-        failures.push("transport or protocol errors".to_owned());
-    }
-    if g(&f.expiry_late) > 0 {
-        failures.push("channels outlived their ttl".to_owned());
-    }
-    if g(&f.polls) == 0 || g(&f.publishes) == 0 || g(&c.woken) == 0 {
-        failures.push("nothing happened".to_owned());
-    }
-    failures.extend(ctx.drill_failures.lock().iter().cloned());
-    if let Some(path) = &args.report {
-        let report = json!({
-            "clients": args.clients, "burst": args.burst, "topics": args.topics,
-            "seconds": soak_time.as_secs_f64(), "seed": seed,
-            "polls": g(&f.polls), "node_polls": node_polls, "publishes": g(&f.publishes),
-            "wakes": g(&f.new_change), "obligations": g(&c.obligations), "woken": g(&c.woken),
-            "lost": lost,
-            "latency_ms": percentiles.map(|p| p.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>()),
-            "rss_mib": [mib(rss_baseline), mib(rss_peak), mib(rss_after)],
-            "failures": failures,
-        });
-        let _ = std::fs::write(
-            path,
-            serde_json::to_string_pretty(&report).unwrap_or_default(),
-        );
-    }
-    if failures.is_empty() {
-        println!("verdict: ok");
-        Ok(true)
-    } else {
-        println!("verdict: FAILED: {}", failures.join("; "));
-        Ok(false)
-    }
+            .map(|n| n.name.clone())
+            .collect(),
+        exit,
+        ids_logged,
+        ids: ids.len(),
+    };
+    Ok(report(&ctx, outcome))
 }

@@ -1,23 +1,21 @@
-//! One real `nudge` process: started on free loopback ports (it logs the addresses it bound),
-//! its stderr kept in a log file, its metrics and resident memory read from outside.
+//! One real `nudge` process (the test kit's [`nudge_testkit::Node`]): started on free loopback
+//! ports, its stderr copied to a log file, taken as up once `/readyz` answers 200; its metrics
+//! and resident memory read from outside.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::oneshot;
-use tokio::time::{Instant, timeout};
+use nudge_testkit::node::{FREE_PORTS, Options};
+use tokio::time::Instant;
 
 pub struct Node {
     pub name: String,
     pub public: SocketAddr,
     pub internal: SocketAddr,
-    pub pid: u32,
-    child: Child,
+    process: nudge_testkit::Node,
 }
 
 impl Node {
@@ -29,62 +27,25 @@ impl Node {
         log: PathBuf,
         http: &reqwest::Client,
     ) -> Result<Node, String> {
-        let mut child = Command::new(bin)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let pid = child.id().ok_or("nudge exited at once")?;
-        let stderr = child.stderr.take().expect("piped");
-        let (addrs_tx, addrs_rx) = oneshot::channel();
-        let log_path = log.clone();
-        // Copies stderr to the log file for as long as the process lives, and reports the
-        // two bound addresses as soon as both lines have been seen.
-        tokio::spawn(async move {
-            let mut file = match tokio::fs::File::create(&log_path).await {
-                Ok(f) => f,
-                Err(_) => return,
-            };
-            let mut lines = BufReader::new(stderr).lines();
-            let (mut public, mut internal) = (None, None);
-            let mut addrs_tx = Some(addrs_tx);
-            while let Ok(Some(line)) = lines.next_line().await {
-                if public.is_none() {
-                    public = address_after(&line, "public=");
-                }
-                if internal.is_none() {
-                    internal = address_after(&line, "internal=");
-                }
-                if let (Some(p), Some(i)) = (public, internal)
-                    && let Some(tx) = addrs_tx.take()
-                {
-                    let _ = tx.send((p, i));
-                }
-                let _ = file.write_all(line.as_bytes()).await;
-                let _ = file.write_all(b"\n").await;
-            }
-            let _ = file.flush().await;
-        });
-        let (public, internal) = timeout(Duration::from_secs(20), addrs_rx)
-            .await
-            .map_err(|_| format!("{name}: no `listening` lines within 20 s"))?
-            .map_err(|_| format!("{name}: exited before listening (see {})", log.display()))?;
+        let mut command = std::process::Command::new(bin);
+        command.args(FREE_PORTS).args(args).env("RUST_LOG", "info");
+        let options = Options {
+            within: Duration::from_secs(20),
+            keep: 20,
+            log_file: Some(log),
+        };
+        // Waiting for the `listening` lines blocks a thread: not one of the runtime's, which
+        // serve the clients while a drill restarts a node.
+        let process =
+            tokio::task::spawn_blocking(move || nudge_testkit::Node::spawn(command, options))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{name}: {e}"))?;
         let node = Node {
             name: name.to_owned(),
-            public,
-            internal,
-            pid,
-            child,
+            public: process.public,
+            internal: process.internal,
+            process,
         };
         let ready = node.internal_url("/readyz");
         let until = Instant::now() + Duration::from_secs(20);
@@ -110,10 +71,7 @@ impl Node {
 
     /// Resident memory of the process, from `/proc`.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        self.process.rss_bytes()
     }
 
     /// Every unlabelled sample of `GET /metrics`, and labelled ones under their full name.
@@ -136,22 +94,12 @@ impl Node {
             .collect())
     }
 
-    /// Sends SIGTERM (through `kill(1)`: no `unsafe` here).
     pub fn sigterm(&self) {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.pid.to_string()])
-            .status();
+        self.process.signal("TERM");
     }
 
     /// Waits for the process to exit, up to `limit`.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        timeout(limit, self.child.wait()).await.ok()?.ok()
+        self.process.exited(limit).await
     }
-}
-
-fn address_after(line: &str, key: &str) -> Option<SocketAddr> {
-    let start = line.find(key)? + key.len();
-    let rest = &line[start..];
-    let end = rest.find(|c: char| c.is_whitespace()).unwrap_or(rest.len());
-    rest[..end].trim_matches('"').parse().ok()
 }

@@ -1,75 +1,26 @@
 //! The `nudge` binary itself: flags, environment, bound addresses in the log, exit codes.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
+use nudge_testkit::Node;
 use tokio::time::Instant;
+
+use crate::support::{body_json, body_text, eventually};
 
 const BIN: &str = env!("CARGO_BIN_EXE_nudge");
 
-/// A running `nudge` with the addresses it logged.
-struct Node {
-    child: Child,
-    public: String,
-    internal: String,
-}
-
+/// A running `nudge` on free loopback ports, with the addresses it logged.
 fn start(args: &[&str], env: &[(&str, &str)]) -> Node {
-    let mut child = Command::new(BIN)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--internal-listen",
-            "127.0.0.1:0",
-        ])
-        .args(args)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut public, mut internal) = (None, None);
-    while public.is_none() || internal.is_none() {
-        let line = lines.next().expect("nudge logs its addresses").unwrap();
-        let after = |key: &str| {
-            line.split(key)
-                .nth(1)
-                .map(|rest| rest.split_whitespace().next().unwrap().to_owned())
-        };
-        public = public.or(after("listening public="));
-        internal = internal.or(after("listening internal="));
-    }
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Node {
-        child,
-        public: public.unwrap(),
-        internal: internal.unwrap(),
-    }
+    Node::start(BIN, args, env)
 }
 
-fn sigterm(child: &Child) {
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> i32 {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code().expect("exited, not killed");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nudge did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Waits for the exit; returns the exit code.
+fn wait_exit(node: &mut Node, within: Duration) -> i32 {
+    let status = node
+        .wait_exit(within)
+        .unwrap_or_else(|| panic!("nudge did not exit within {within:?}"));
+    status.code().expect("exited, not killed")
 }
 
 #[tokio::test]
@@ -86,45 +37,31 @@ async fn starts_on_free_ports_serves_and_exits_0_on_sigterm() {
         .unwrap();
     assert_eq!(res.status(), 200);
     // The environment twins of the flags took effect.
-    let reg: Value = http
-        .post(format!("http://{}/v1/channels", node.internal))
-        .header("content-type", "application/json")
-        .body(r#"{"topics":["t"]}"#)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let reg = body_json(
+        http.post(format!("http://{}/v1/channels", node.internal))
+            .header("content-type", "application/json")
+            .body(r#"{"topics":["t"]}"#),
+    )
+    .await;
     assert_eq!(reg["entries"][0]["retry_timeout"], 30);
     assert_eq!(reg["entries"][0]["ttl"], "3");
     let url = reg["entries"][0]["url"].as_str().unwrap().to_owned();
     assert!(url.starts_with(&format!("http://{}/subscribe?channel=", node.public)));
     let poll = tokio::spawn({
         let http = http.clone();
-        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+        async move { body_text(http.get(url)).await }
     });
     // Parked: visible in the node's own gauge.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let m = http
-            .get(format!("http://{}/metrics", node.internal))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.lines().any(|l| l == "nudge_parked_polls 1") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the poll never parked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let metrics = format!("http://{}/metrics", node.internal);
+    eventually("the poll parked", Duration::from_secs(5), || async {
+        let m = body_text(http.get(&metrics)).await;
+        m.lines().any(|l| l == "nudge_parked_polls 1")
+    })
+    .await;
     let start = Instant::now();
-    sigterm(&node.child);
+    assert!(node.signal("TERM"));
     assert_eq!(poll.await.unwrap(), r#"{"message":"reconnect"}"#);
-    assert_eq!(wait_exit(&mut node.child, Duration::from_secs(10)), 0);
+    assert_eq!(wait_exit(&mut node, Duration::from_secs(10)), 0);
     assert!(
         start.elapsed() < Duration::from_secs(5),
         "drained in {:?}",

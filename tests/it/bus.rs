@@ -3,124 +3,56 @@
 //! cross nodes, straight `PUBLISH`es into Redis, exactly once per node, revocations, Redis
 //! dying and coming back under parked polls, a node restarted, and readiness at start-up.
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use nudge_testkit::free_port;
+use nudge_testkit::redis::RedisServer;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, eventually};
+use crate::support::{TestServer, eventually, refused};
 
-const INSTALL_HINT: &str = "the bus tests need a real redis-server: run `bash scripts/test.sh`, \
-     which installs it (Debian package redis-server), or `apt-get install redis-server`";
-
-/// A `redis-server` of our own on 127.0.0.1, killed (and its directory removed) on drop.
-struct Redis {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
+/// A `redis-server` of our own on 127.0.0.1 (the test kit's), killed (and its directory
+/// removed) on drop.
+struct Redis(RedisServer);
 
 impl Redis {
     /// Starts one on a free port.
     async fn start() -> Redis {
-        // Another process may take the port between our probe and Redis's bind: try again.
-        for _ in 0..5 {
-            let mut redis = Redis::on(free_port());
-            if redis.launch().await {
-                return redis;
-            }
-        }
-        panic!("redis-server did not start on any of 5 free ports");
+        Redis(
+            RedisServer::start("redis-server")
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+        )
     }
 
     /// A server that is not started yet: [`Redis::restart`] starts it.
     fn on(port: u16) -> Redis {
-        let dir =
-            std::env::temp_dir().join(format!("nudge-it-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Redis {
-            port,
-            dir,
-            child: None,
-        }
+        Redis(RedisServer::on("redis-server", port))
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the server (again) on its port and waits until it answers `PING`; false if it
-    /// exited instead (the port was taken).
-    async fn launch(&mut self) -> bool {
-        assert!(self.child.is_none(), "already running");
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(&self.dir)
-            .args(["--daemonize", "no", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT}"),
-            Err(e) => panic!("cannot run redis-server: {e}"),
-        };
-        self.child = Some(child);
-        let client = redis::Client::open(self.url()).unwrap();
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                eprintln!("redis-server on port {} exited: {status}", self.port);
-                return false;
-            }
-            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut conn)
-                    .await
-                    .is_ok()
-            {
-                return true;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "redis-server did not answer PING within 10 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        self.0.url()
     }
 
     /// Starts it again on the same port.
     async fn restart(&mut self) {
+        let port = self.0.port();
         assert!(
-            self.launch().await,
-            "redis-server restarts on port {}",
-            self.port
+            self.0.launch().await.unwrap_or_else(|e| panic!("{e}")),
+            "redis-server restarts on port {port}"
         );
     }
 
     /// SIGKILL: no goodbye to the subscribers, as in a crash.
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.kill();
     }
 
     /// Sends a signal to the server (`STOP`, `CONT`); false if that failed.
     fn signal(&self, signal: &str) -> bool {
-        let Some(child) = &self.child else {
-            return false;
-        };
-        Command::new("kill")
-            .args([format!("-{signal}"), child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success())
+        self.0.signal(signal)
     }
 
     /// How many `PING`s the server has answered (its `INFO commandstats`).
@@ -151,21 +83,6 @@ impl Redis {
     }
 }
 
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Two nodes on the bus, both ready.
 async fn two_nodes(redis: &Redis) -> (TestServer, TestServer) {
     let a = TestServer::with_redis(&redis.url()).await;
@@ -177,13 +94,7 @@ async fn two_nodes(redis: &Redis) -> (TestServer, TestServer) {
 
 /// A POST to the internal listener: status, JSON body, `Retry-After`.
 async fn post(s: &TestServer, path: &str, body: Value) -> (StatusCode, Value, Option<String>) {
-    let res = s
-        .http
-        .post(s.internal_url(path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let res = s.post_json(path, &body).await;
     let status = res.status();
     let retry_after = res
         .headers()
@@ -585,18 +496,7 @@ impl Drop for ContOnDrop<'_> {
 #[test]
 fn a_redis_url_the_client_cannot_use_exits_64_naming_the_flag() {
     for url in ["redis://", "redis://127.0.0.1:6379/notadb"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_nudge"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--redis-url", url])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{url}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(&["--redis-url", url]);
         assert!(stderr.contains("--redis-url"), "{stderr}");
         // Nothing was bound: config errors come before the listeners.
         assert!(!stderr.contains("listening"), "{stderr}");

@@ -3,7 +3,7 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, secs};
+use crate::support::{TestServer, body_json, secs};
 
 /// POSTs a raw body with a content type to the internal listener.
 pub(crate) async fn post(
@@ -139,15 +139,11 @@ async fn channel_info_and_delete() {
     let ch = s.register(json!({"topics": ["b", "a"], "subject": "user:7", "stream_type": "changes", "max_retries": 3})).await;
     s.message(&ch.url, "").await; // one reconnect
     s.publish(json!({"topic": "a"})).await;
-    let info: Value = s
-        .http
-        .get(s.internal_url(&format!("/v1/channels/{}", ch.id)))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info = body_json(
+        s.http
+            .get(s.internal_url(&format!("/v1/channels/{}", ch.id))),
+    )
+    .await;
     assert_eq!(info["topics"], json!(["a", "b"]));
     assert_eq!(info["subject"], "user:7");
     assert_eq!(info["stream_type"], "changes");

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nudge::config::{Args, TlsFiles, Token};
-use nudge::hub::{Answer, Hub, HubConfig, Limits, PollRequest, PollStart, Publish, Registration};
-use nudge::metrics::Metrics;
+use nudge::hub::{Answer, Limits, PollRequest, PollStart, Publish, Registration};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -18,7 +17,7 @@ use tokio::time::Instant;
 use tokio_rustls::rustls;
 
 use crate::raw;
-use crate::support::{TestServer, eventually, secs};
+use crate::support::{self, TestServer, eventually, secs};
 use crate::tools::{Prometheus, TempDir, tool};
 
 const TOKEN: &str = "ops-test-token-0123456789";
@@ -228,19 +227,12 @@ async fn a_real_prometheus_scrapes_nudge_with_the_bearer_token() {
 /// the second woken poll takes its answer 300 ms (of paused time) after the first.
 #[tokio::test(start_paused = true)]
 async fn the_fanout_histogram_runs_to_the_last_answered_poll() {
-    let metrics = Arc::new(Metrics::new(prometheus::Registry::new(), false));
-    let hub = Hub::new(
-        HubConfig {
-            limits: Limits {
-                ttl: secs(600.0),
-                retry_timeout: secs(60.0),
-                max_retries: 10,
-            },
-            max_polls_per_channel: 4,
-            max_parked: 100,
-        },
-        metrics.clone(),
-    );
+    let limits = Limits {
+        ttl: secs(600.0),
+        retry_timeout: secs(60.0),
+        max_retries: 10,
+    };
+    let (hub, metrics) = support::hub(limits, 100);
     let id = hub
         .register(Registration {
             topics: vec!["t".into()],
@@ -305,17 +297,21 @@ async fn one_fanout_observation_per_publish_over_real_sockets() {
 
 const APP: &str = "https://app.example.com";
 
+/// The preflight a browser at [`APP`] sends before a GET of `url` that it may not simply send.
+fn preflight(s: &TestServer, url: &str) -> reqwest::RequestBuilder {
+    s.http
+        .request(reqwest::Method::OPTIONS, url)
+        .header("origin", APP)
+        .header("access-control-request-method", "GET")
+}
+
 #[tokio::test]
 async fn cors_preflight_and_headers_let_a_browser_app_long_poll() {
     let s = TestServer::with(|c| c.cors_origins = vec![APP.into()]).await;
     let ch = s.register_topic("t").await;
 
     // The preflight a browser sends before a GET with an Authorization header.
-    let res = s
-        .http
-        .request(reqwest::Method::OPTIONS, &ch.url)
-        .header("origin", APP)
-        .header("access-control-request-method", "GET")
+    let res = preflight(&s, &ch.url)
         .header("access-control-request-headers", "authorization")
         .send()
         .await
@@ -394,14 +390,7 @@ async fn cors_star_allows_any_origin_and_no_flag_means_no_cors() {
 
     let s = TestServer::start().await;
     let ch = s.register_topic("t").await;
-    let res = s
-        .http
-        .request(reqwest::Method::OPTIONS, &ch.url)
-        .header("origin", APP)
-        .header("access-control-request-method", "GET")
-        .send()
-        .await
-        .unwrap();
+    let res = preflight(&s, &ch.url).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(res.headers()["allow"], "GET");
     let res = s

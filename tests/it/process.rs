@@ -3,12 +3,12 @@
 //! connections closed, exit 0), `--max-parked` derived from the open-files limit, slow
 //! senders cut by `--header-read-timeout`, JSON logs, and logs that never carry a secret.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
+
+use nudge_testkit::Node;
+use nudge_testkit::node::{FREE_PORTS, Options};
 
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
@@ -16,130 +16,70 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::raw;
-use crate::support::{eventually, metric_sample, secs};
+use crate::support::{body_text, eventually, http_client, metric_sample, refused, secs, status};
 use crate::tools::TempDir;
 
 const BIN: &str = env!("CARGO_BIN_EXE_nudge");
 
 /// A running `nudge` binary on free loopback ports, with every log line it wrote.
 struct Nudge {
-    child: Child,
+    node: Node,
     public: SocketAddr,
     internal: SocketAddr,
-    logs: Arc<Mutex<Vec<String>>>,
     http: reqwest::Client,
     token: Option<String>,
 }
 
 impl Nudge {
-    /// `nudge --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0 ARGS`, `RUST_LOG=info`
+    /// `nudge ARGS --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0`, `RUST_LOG=info`
     /// unless `env` says otherwise.
     fn start(args: &[&str], env: &[(&str, &str)]) -> Nudge {
-        let mut cmd = Command::new(BIN);
-        cmd.args(args);
-        Nudge::spawn(cmd, env)
+        Nudge::from(Node::start(BIN, args, env))
     }
 
     /// Starts the binary through `bash -c SCRIPT`, where the script ends in
     /// `exec "$0" "$@"` (e.g. to set resource limits first).
     fn start_via_shell(script: &str, args: &[&str]) -> Nudge {
         let mut cmd = Command::new("bash");
-        cmd.args(["-c", script, BIN]).args(args);
-        Nudge::spawn(cmd, &[])
+        cmd.args(["-c", script, BIN])
+            .args(args)
+            .args(FREE_PORTS)
+            .env("RUST_LOG", "info");
+        Nudge::from(Node::spawn(cmd, Options::default()).unwrap_or_else(|e| panic!("{e}")))
     }
 
-    fn spawn(mut cmd: Command, env: &[(&str, &str)]) -> Nudge {
-        cmd.args([
-            "--listen",
-            "127.0.0.1:0",
-            "--internal-listen",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        {
-            // Reads every line until nudge exits, so it never blocks on a full pipe.
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in stderr.lines().map_while(Result::ok) {
-                    logs.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let (mut public, mut internal) = (None, None);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while public.is_none() || internal.is_none() {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            let line = rx.recv_timeout(left).unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!(
-                    "nudge did not log its addresses: {:?}",
-                    logs.lock().unwrap()
-                )
-            });
-            public = public.or_else(|| bound_address(&line, "public"));
-            internal = internal.or_else(|| bound_address(&line, "internal"));
-        }
+    fn from(node: Node) -> Nudge {
         Nudge {
-            child,
-            public: public.unwrap(),
-            internal: internal.unwrap(),
-            logs,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap(),
+            public: node.public,
+            internal: node.internal,
+            node,
+            http: http_client(Duration::from_secs(30)),
             token: None,
         }
     }
 
     fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        self.node.logs()
     }
 
     /// Waits until a log line contains `needle`.
     fn wait_log(&self, needle: &str, within: Duration) {
-        let deadline = std::time::Instant::now() + within;
-        while !self.logs().iter().any(|l| l.contains(needle)) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no log line with {needle:?}: {:?}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.node.wait_log(needle, within);
     }
 
     fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        assert!(self.node.signal(name), "kill -{name}");
     }
 
     /// Waits for the exit; returns the exit code.
     fn wait_exit(&mut self, within: Duration) -> i32 {
-        let deadline = std::time::Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code().expect("exited, not killed by a signal");
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
+        let status = self.node.wait_exit(within).unwrap_or_else(|| {
+            panic!(
                 "nudge did not exit within {within:?}; logs: {:?}",
                 self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            )
+        });
+        status.code().expect("exited, not killed by a signal")
     }
 
     fn internal_req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -154,15 +94,9 @@ impl Nudge {
 
     /// Registers a channel on `topic`; returns its id and the path of its URL.
     async fn register(&self, topic: &str) -> (String, String) {
-        let res = self
-            .internal_req(reqwest::Method::POST, "/v1/channels")
-            .header("content-type", "application/json")
-            .body(format!(r#"{{"topics":["{topic}"]}}"#))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 201);
-        let body: Value = res.json().await.unwrap();
+        let body = self
+            .post("/v1/channels", format!(r#"{{"topics":["{topic}"]}}"#), 201)
+            .await;
         let url = body["entries"][0]["url"].as_str().unwrap();
         let path = url
             .strip_prefix(&format!("http://{}", self.public))
@@ -174,25 +108,25 @@ impl Nudge {
     }
 
     async fn publish(&self, topic: &str) {
+        self.post("/v1/publish", format!(r#"{{"topic":"{topic}"}}"#), 200)
+            .await;
+    }
+
+    /// POSTs `body` to an internal route, expects `status`, returns the JSON answer.
+    async fn post(&self, path: &str, body: String, status: u16) -> Value {
         let res = self
-            .internal_req(reqwest::Method::POST, "/v1/publish")
+            .internal_req(reqwest::Method::POST, path)
             .header("content-type", "application/json")
-            .body(format!(r#"{{"topic":"{topic}"}}"#))
+            .body(body)
             .send()
             .await
             .unwrap();
-        assert_eq!(res.status(), 200);
+        assert_eq!(res.status(), status, "POST {path}");
+        res.json().await.unwrap()
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .internal_req(reqwest::Method::GET, "/metrics")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = body_text(self.internal_req(reqwest::Method::GET, "/metrics")).await;
         metric_sample(&text, name)
     }
 
@@ -216,29 +150,6 @@ impl Nudge {
             (res, at, closed)
         })
     }
-}
-
-impl Drop for Nudge {
-    fn drop(&mut self) {
-        // A test that failed half-way must not leave its nudge running.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `listening public=ADDR` in text, `{"message":"listening","public":"ADDR",…}` in JSON.
-fn bound_address(line: &str, which: &str) -> Option<SocketAddr> {
-    if line.starts_with('{') {
-        let v: Value = serde_json::from_str(line).ok()?;
-        if v["message"] != "listening" {
-            return None;
-        }
-        return v[which].as_str()?.parse().ok();
-    }
-    let rest = line.split(&format!("listening {which}=")).nth(1)?;
-    rest.split_whitespace().next()?.parse().ok()
 }
 
 // ---- the drain --------------------------------------------------------------------------
@@ -380,7 +291,7 @@ async fn worker_threads_sets_how_many_threads_serve() {
         let mut conn = TcpStream::connect(node.public).await.unwrap();
         let res = raw::poll_now(&mut conn, &path).await.unwrap();
         assert_eq!(res.text(), r#"{"message":"no_change"}"#);
-        let tasks = std::fs::read_dir(format!("/proc/{}/task", node.child.id())).unwrap();
+        let tasks = std::fs::read_dir(format!("/proc/{}/task", node.node.pid())).unwrap();
         let workers = tasks
             .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
             .filter(|comm| comm.trim() == "nudge-worker")
@@ -545,26 +456,13 @@ async fn a_life_at_trace(format: &str) -> (Vec<String>, String, String) {
             .await
             .unwrap();
     }
-    let res = node
-        .internal_req(reqwest::Method::GET, &format!("/v1/channels/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let res = node
-        .http
-        .get(format!("http://{}/metrics", node.internal))
-        .header("authorization", WRONG)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 401);
-    let res = node
-        .internal_req(reqwest::Method::DELETE, &format!("/v1/channels/{id}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 204);
+    let channel = format!("/v1/channels/{id}");
+    let get = node.internal_req(reqwest::Method::GET, &channel);
+    assert_eq!(status(get).await, 200);
+    let metrics = node.http.get(format!("http://{}/metrics", node.internal));
+    assert_eq!(status(metrics.header("authorization", WRONG)).await, 401);
+    let delete = node.internal_req(reqwest::Method::DELETE, &channel);
+    assert_eq!(status(delete).await, 204);
     let res = raw::exchange(&mut conn, &with_auth(&path), secs(10.0))
         .await
         .unwrap();
@@ -634,18 +532,7 @@ fn a_bad_token_file_is_refused_with_exit_64() {
         (short.to_str().unwrap(), "at least 16"),
         (missing.to_str().unwrap(), "--internal-token-file"),
     ] {
-        let out = Command::new(BIN)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--internal-token-file", file])
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64));
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = refused(&["--internal-token-file", file]);
         assert!(stderr.contains(says), "{stderr}");
         assert!(!stderr.contains("too-short"), "the token is not echoed");
     }
@@ -665,17 +552,6 @@ fn unreadable_tls_files_are_refused_with_exit_64() {
         ],
         vec!["--tls-cert", not_pem.to_str().unwrap()],
     ] {
-        let out = Command::new(BIN)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
-            ])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert_eq!(out.status.code(), Some(64), "{args:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-"));
+        assert!(refused(&args).contains("--tls-"));
     }
 }

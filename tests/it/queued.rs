@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::raw;
-use crate::support::{TestServer, eventually};
+use crate::support::TestServer;
 
 /// What the client sends behind its parked poll.
 #[derive(Clone, Copy, Debug)]
@@ -85,16 +85,8 @@ async fn a_client_that_leaves_behind_queued_bytes_is_seen_at_once_and_its_change
                 let ch = s.register_topic("queued").await;
                 let conn = park_with_trailer(&s, path_of(&s, &ch.url), trailer).await;
                 leave(conn, how);
-                let hub = s.hub.clone();
-                eventually(
-                    &format!("{case}: the poll is freed"),
-                    Duration::from_secs(3),
-                    || {
-                        let hub = hub.clone();
-                        async move { hub.counts().parked == 0 }
-                    },
-                )
-                .await;
+                let what = format!("{case}: the poll is freed");
+                s.wait_parked_within(0, Duration::from_secs(3), &what).await;
                 let (published, woken) = s.publish(json!({"topic": "queued"})).await;
                 assert_eq!((published, woken), (1, 0), "{case}: nobody is parked");
                 assert_eq!(
@@ -133,11 +125,7 @@ async fn a_change_published_as_a_client_leaves_behind_queued_bytes_waits_for_its
                 let what = format!(
                     "fast_path {fast_path}, round {round}, {trailer:?}, {how:?}: new_change on the next poll"
                 );
-                eventually(&what, Duration::from_secs(2), || {
-                    let (s, url) = (&s, &ch.url);
-                    async move { s.message(url, "&dont_block=true").await == "new_change" }
-                })
-                .await;
+                s.wait_new_change(&ch.url, &what).await;
                 s.wait_parked(0).await;
             }
         }
@@ -233,16 +221,8 @@ async fn over_tls_a_client_that_leaves_behind_queued_bytes_is_seen_too() {
             tls.flush().await.unwrap();
             let (tcp, _) = tls.into_inner();
             leave(tcp, how);
-            let hub = s.hub.clone();
-            eventually(
-                &format!("{case}: the poll is freed"),
-                Duration::from_secs(3),
-                || {
-                    let hub = hub.clone();
-                    async move { hub.counts().parked == 0 }
-                },
-            )
-            .await;
+            let what = format!("{case}: the poll is freed");
+            s.wait_parked_within(0, Duration::from_secs(3), &what).await;
             assert_eq!(s.publish(json!({"topic": "tls"})).await, (1, 0), "{case}");
             let next = PollRequest {
                 dont_block: true,

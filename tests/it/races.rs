@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use nudge::hub::{Answer, Hub, HubConfig, Limits, PollRequest, PollStart, Publish, Registration};
-use nudge::metrics::Metrics;
+use nudge::hub::{Answer, Hub, Limits, PollRequest, PollStart, Publish, Registration};
 use parking_lot::Mutex;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
-use crate::support::{TestServer, eventually};
+use crate::support::{self, TestServer};
 
 /// Sets the flag when dropped, so that pollers stop even when their publisher panics.
 struct StopOnDrop(Arc<AtomicBool>);
@@ -29,18 +28,12 @@ impl Drop for StopOnDrop {
 
 /// A hub of its own, with parks of `retry_timeout` and a budget that never runs out.
 fn test_hub(retry_timeout: Duration) -> Arc<Hub> {
-    Hub::new(
-        HubConfig {
-            limits: Limits {
-                ttl: Duration::from_secs(60),
-                retry_timeout,
-                max_retries: u32::MAX - 1,
-            },
-            max_polls_per_channel: 4,
-            max_parked: 10_000,
-        },
-        Arc::new(Metrics::new(prometheus::Registry::new(), false)),
-    )
+    let limits = Limits {
+        ttl: Duration::from_secs(60),
+        retry_timeout,
+        max_retries: u32::MAX - 1,
+    };
+    support::hub(limits, 10_000).0
 }
 
 /// When a client last received `new_change`.
@@ -213,11 +206,7 @@ async fn a_change_published_right_after_a_client_closes_its_poll_waits_for_its_n
             drop(conn);
             s.publish(json!({"topic": "closing"})).await;
             let what = format!("fast_path {fast_path}, round {round}: new_change on the next poll");
-            eventually(&what, Duration::from_secs(2), || {
-                let (s, url) = (&s, &ch.url);
-                async move { s.message(url, "&dont_block=true").await == "new_change" }
-            })
-            .await;
+            s.wait_new_change(&ch.url, &what).await;
             s.wait_parked(0).await;
         }
         s.stop().await;

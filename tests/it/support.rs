@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nudge::bus::Bus;
-use nudge::hub::Hub;
+use nudge::hub::{Hub, HubConfig, Limits};
+use nudge::metrics::Metrics;
 use nudge::{Config, Server};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -59,10 +60,7 @@ impl TestServer {
         let task = tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
+        let http = http_client(Duration::from_secs(30));
         TestServer {
             public,
             internal,
@@ -82,15 +80,19 @@ impl TestServer {
         format!("http://{}{}", self.internal, path)
     }
 
-    /// POSTs `body` to an internal route, expects `status`, returns the JSON answer.
-    async fn post_internal(&self, path: &str, body: Value, status: StatusCode) -> Value {
-        let res = self
-            .http
+    /// POSTs `body` as JSON to an internal route.
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
             .post(self.internal_url(path))
-            .json(&body)
+            .json(body)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// POSTs `body` to an internal route, expects `status`, returns the JSON answer.
+    async fn post_internal(&self, path: &str, body: Value, status: StatusCode) -> Value {
+        let res = self.post_json(path, &body).await;
         assert_eq!(res.status(), status, "POST {path}");
         res.json().await.unwrap()
     }
@@ -155,25 +157,31 @@ impl TestServer {
 
     /// Waits until `n` polls are parked on the node.
     pub async fn wait_parked(&self, n: usize) {
+        self.wait_parked_within(n, Duration::from_secs(5), &format!("{n} polls parked"))
+            .await;
+    }
+
+    /// Waits until `n` polls are parked on the node; panics with `what` after `within`.
+    pub async fn wait_parked_within(&self, n: usize, within: Duration, what: &str) {
         let hub = self.hub.clone();
-        eventually(&format!("{n} polls parked"), Duration::from_secs(5), || {
+        eventually(what, within, || {
             let hub = hub.clone();
             async move { hub.counts().parked == n }
         })
         .await;
     }
 
+    /// Waits (2 s at most) until a poll of `url` that does not block finds `new_change`.
+    pub async fn wait_new_change(&self, url: &str, what: &str) {
+        eventually(what, Duration::from_secs(2), || async move {
+            self.message(url, "&dont_block=true").await == "new_change"
+        })
+        .await;
+    }
+
     /// A sample of one metric from `GET /metrics`, e.g. `nudge_polls_total{outcome="gone"}`.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = self
-            .http
-            .get(self.internal_url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = body_text(self.http.get(self.internal_url("/metrics"))).await;
         metric_sample(&text, sample)
     }
 
@@ -211,6 +219,50 @@ impl Drop for TestServer {
             task.abort();
         }
     }
+}
+
+/// Runs the `nudge` binary on free loopback ports with `args`, expects the configuration
+/// error's exit code 64, and returns what it wrote to stderr.
+pub fn refused(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_nudge"))
+        .args(nudge_testkit::node::FREE_PORTS)
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{args:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A hub of its own, without HTTP, for tests that drive it directly (up to 4 polls per
+/// channel); with its metrics, to read them back.
+pub fn hub(limits: Limits, max_parked: usize) -> (Arc<Hub>, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new(), false));
+    let config = HubConfig {
+        limits,
+        max_polls_per_channel: 4,
+        max_parked,
+    };
+    (Hub::new(config, metrics.clone()), metrics)
+}
+
+/// Sends `request` and answers its status.
+pub async fn status(request: reqwest::RequestBuilder) -> StatusCode {
+    request.send().await.unwrap().status()
+}
+
+/// A client whose every request gives up after `timeout`, so a hung server fails the test.
+pub fn http_client(timeout: Duration) -> reqwest::Client {
+    reqwest::Client::builder().timeout(timeout).build().unwrap()
+}
+
+/// Sends `request` and reads the answer's body as text, whatever its status.
+pub async fn body_text(request: reqwest::RequestBuilder) -> String {
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// Sends `request` and reads the answer's body as JSON, whatever its status.
+pub async fn body_json(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
 
 /// The value of one sample (`name` or `name{labels}`) in a Prometheus text exposition.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::eventually;
+use crate::support::{eventually, http_client};
 
 /// A fresh directory under the system temp dir, removed on drop.
 pub struct TempDir(PathBuf);
@@ -60,14 +60,7 @@ pub fn tool(name: &str) -> Option<PathBuf> {
     found
 }
 
-/// A loopback port that was free a moment ago, for a tool that cannot take port 0.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use nudge_testkit::free_port;
 
 /// A real Prometheus server on a free loopback port, stopped (and its data removed) on drop.
 pub struct Prometheus {
@@ -107,10 +100,7 @@ impl Prometheus {
         Prometheus {
             child,
             addr,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(5))
-                .build()
-                .unwrap(),
+            http: http_client(Duration::from_secs(5)),
             _dir: dir,
         }
     }
@@ -148,9 +138,7 @@ impl Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         // SIGTERM, then wait for it to go (bounded); SIGKILL if it lingers.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        nudge_testkit::signal(&[self.child.id()], "TERM");
         for _ in 0..100 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
