@@ -14,6 +14,7 @@
 //! - [`id`]: channel ids, 128 random bits that are never logged whole.
 //! - [`logging`], [`signal`]: the process around it.
 
+pub mod answer;
 pub mod bus;
 pub mod config;
 pub mod drain;

@@ -7,7 +7,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::hub::Answer;
+use crate::answer::Answer;
 
 pub struct Metrics {
     registry: Registry,
@@ -124,8 +124,7 @@ impl Metrics {
                 }
                 g
             },
-            answers: [Answer::NewChange, Answer::Reconnect, Answer::MaxRetries, Answer::NoChange]
-                .map(|a| polls_total.with_label_values(&[a.as_str()])),
+            answers: Answer::ALL.map(|a| polls_total.with_label_values(&[a.as_str()])),
             polls_total,
             publishes_total: reg(
                 &registry,
@@ -195,13 +194,7 @@ impl Metrics {
     /// Counts an answer. Every answered poll comes here, so the four answer counters are
     /// looked up once at start, not per answer (`with_label_values` hashes and locks).
     pub fn count_answer(&self, answer: Answer) {
-        let index = match answer {
-            Answer::NewChange => 0,
-            Answer::Reconnect => 1,
-            Answer::MaxRetries => 2,
-            Answer::NoChange => 3,
-        };
-        self.answers[index].inc();
+        self.answers[answer.index()].inc();
     }
 
     /// Counts a poll that parked, by path.

@@ -316,10 +316,7 @@ impl FastPath {
 
     fn prebuilt(&self, reply: Reply) -> &Prebuilt {
         match reply {
-            Reply::Answer(Answer::NewChange) => &self.answers[0],
-            Reply::Answer(Answer::Reconnect) => &self.answers[1],
-            Reply::Answer(Answer::MaxRetries) => &self.answers[2],
-            Reply::Answer(Answer::NoChange) => &self.answers[3],
+            Reply::Answer(a) => &self.answers[a.index()],
             Reply::TooManyPolls => &self.too_many_polls,
             Reply::OverCapacity => &self.over_capacity,
         }

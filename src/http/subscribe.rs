@@ -26,12 +26,7 @@ pub struct PublicState {
 
 /// The answer bodies, serialised once.
 pub fn answer_body(answer: Answer) -> Bytes {
-    Bytes::from_static(match answer {
-        Answer::NewChange => br#"{"message":"new_change"}"#,
-        Answer::Reconnect => br#"{"message":"reconnect"}"#,
-        Answer::MaxRetries => br#"{"message":"max_retries"}"#,
-        Answer::NoChange => br#"{"message":"no_change"}"#,
-    })
+    Bytes::from_static(answer.body())
 }
 
 /// A decoded `/subscribe` query.

@@ -1,0 +1,299 @@
+//! Polls: starting one (answer now, park, or hold a not-live id), and the parked and held
+//! polls a transport awaits.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep, sleep_until};
+
+use super::channel::Waiter;
+use super::not_live::NotLiveAnswer;
+use super::{Answer, Delivery, Hub, PollRequest, PollStart, held_share, park_time};
+use crate::id::ChannelId;
+use crate::metrics::outcome;
+
+impl Hub {
+    /// Starts a poll of the channel named `id_text` (SPEC §3, order of precedence).
+    pub fn poll(self: &Arc<Self>, id_text: &str, req: PollRequest) -> PollStart {
+        let Some(id) = ChannelId::parse(id_text) else {
+            return self.poll_not_live(id_text);
+        };
+        // Positions live in the topic index, which is never locked together with a channel
+        // shard: read them first. A publish landing in between still finds the poll parked
+        // or leaves the pending mark, so nothing is lost by the gap.
+        let newest = match req.stream_position {
+            None => None,
+            Some(_) => {
+                let topics = match self.shard(id).lock().get(&id) {
+                    Some(ch) => ch.topics.clone(),
+                    None => return self.poll_not_live(id_text),
+                };
+                self.topics.newest_position(&topics)
+            }
+        };
+
+        let mut shard = self.shard(id).lock();
+        let Some(ch) = shard.get_mut(&id) else {
+            drop(shard);
+            return self.poll_not_live(id_text);
+        };
+        // A poll answered at once ends now: the ttl clock starts again from here (SPEC §3,
+        // "from the end of its last poll"), unless another poll is parked and holds it.
+        if let Some(seen) = req.stream_position {
+            if newest.is_some_and(|n| n > seen) {
+                ch.pending.clear();
+                ch.touch_if_idle(Instant::now());
+                return self.answer_now(Answer::NewChange);
+            }
+            ch.pending.drop_if_seen(seen);
+        }
+        if ch.pending.is_set() {
+            ch.pending.clear();
+            ch.touch_if_idle(Instant::now());
+            return self.answer_now(Answer::NewChange);
+        }
+        if req.dont_block {
+            ch.touch_if_idle(Instant::now());
+            return self.answer_now(Answer::NoChange);
+        }
+        if ch.budget_spent() {
+            let retired = shard.remove(&id).expect("present above");
+            drop(shard);
+            self.forget(id, &retired);
+            self.not_live.lock().remember(id_text, Instant::now());
+            return self.answer_now(Answer::MaxRetries);
+        }
+        if self.is_draining() {
+            return self.answer_now(Answer::Reconnect);
+        }
+        if ch.waiters.len() >= self.config.max_polls_per_channel {
+            self.metrics.count_outcome(outcome::TOO_MANY_POLLS);
+            return PollStart::TooManyPolls;
+        }
+        let occupied = self.parked.load(Ordering::Relaxed) + self.held.load(Ordering::Relaxed);
+        if occupied >= self.config.max_parked as i64 {
+            self.metrics.count_outcome(outcome::OVER_CAPACITY);
+            return PollStart::OverCapacity;
+        }
+        let (tx, rx) = oneshot::channel();
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        ch.waiters.push(Waiter { key, tx });
+        ch.idle_deadline = None;
+        let deadline = Instant::now() + park_time(ch.limits.retry_timeout);
+        self.count_parked(1);
+        PollStart::Park(ParkedPoll {
+            hub: self.clone(),
+            id,
+            key,
+            deadline,
+            rx,
+            expired: false,
+            settled: false,
+        })
+    }
+
+    pub(super) fn answer_now(&self, answer: Answer) -> PollStart {
+        self.metrics.count_answer(answer);
+        PollStart::Answer(answer)
+    }
+
+    pub(super) fn poll_not_live(self: &Arc<Self>, id_text: &str) -> PollStart {
+        let verdict = self.not_live.lock().poll(id_text, Instant::now());
+        match verdict {
+            NotLiveAnswer::MaxRetries => self.answer_now(Answer::MaxRetries),
+            NotLiveAnswer::Hold if self.is_draining() => self.answer_now(Answer::Reconnect),
+            NotLiveAnswer::Hold => {
+                // Holding needs no id at all, so held polls are capped per id like parked
+                // ones per channel, and may take only a share of `max_parked` together (real
+                // channels always find room); past either, the id is answered `max_retries`
+                // at once, which tells an SDK to stop, not to loop.
+                let per_id = self.config.max_polls_per_channel;
+                let Some(key) = self.not_live.lock().try_hold(id_text, per_id) else {
+                    return self.answer_now(Answer::MaxRetries);
+                };
+                let release = || self.not_live.lock().release(key);
+                let share = held_share(self.config.max_parked) as i64;
+                if self
+                    .held
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
+                        (h < share).then_some(h + 1)
+                    })
+                    .is_err()
+                {
+                    release();
+                    return self.answer_now(Answer::MaxRetries);
+                }
+                let occupied =
+                    self.parked.load(Ordering::Relaxed) + self.held.load(Ordering::Relaxed);
+                if occupied > self.config.max_parked as i64 {
+                    self.held.fetch_sub(1, Ordering::Relaxed);
+                    release();
+                    self.metrics.count_outcome(outcome::OVER_CAPACITY);
+                    return PollStart::OverCapacity;
+                }
+                let hold = Duration::from_millis(fastrand::u64(1000..=3000));
+                PollStart::Hold(HeldPoll {
+                    hub: self.clone(),
+                    until: Instant::now() + hold,
+                    key,
+                })
+            }
+        }
+    }
+
+    /// A parked poll reached its deadline: if its waiter is still listed, take it and answer
+    /// `reconnect` (counted against the budget). `None` if someone else took it: their
+    /// answer is on its way.
+    pub(super) fn expire_poll(&self, id: ChannelId, key: u64) -> Option<Answer> {
+        let mut shard = self.shard(id).lock();
+        let ch = shard.get_mut(&id)?;
+        ch.take_waiter(key)?;
+        ch.reconnects = ch.reconnects.saturating_add(1);
+        ch.touch_if_idle(Instant::now());
+        self.count_parked(-1);
+        Some(Answer::Reconnect)
+    }
+
+    /// A parked poll was dropped unanswered (its client went away).
+    pub(super) fn abandon_poll(
+        &self,
+        id: ChannelId,
+        key: u64,
+        rx: &mut oneshot::Receiver<Delivery>,
+    ) {
+        let mut shard = self.shard(id).lock();
+        if let Some(ch) = shard.get_mut(&id)
+            && ch.take_waiter(key).is_some()
+        {
+            ch.touch_if_idle(Instant::now());
+            self.count_parked(-1);
+            self.metrics.count_outcome(outcome::GONE);
+            return;
+        }
+        // Someone took the waiter. Close the receiver so a later send fails (and its sender
+        // restores the mark); an answer that already arrived was never delivered.
+        rx.close();
+        if let Ok(Delivery {
+            answer: Answer::NewChange,
+            ..
+        }) = rx.try_recv()
+            && let Some(ch) = shard.get_mut(&id)
+        {
+            ch.pending.mark(None);
+        }
+        self.metrics.count_outcome(outcome::GONE);
+    }
+}
+
+/// A parked poll. Await [`ParkedPoll::wait`]; dropping it (the client went away) removes it
+/// from its channel, and keeps any `new_change` that raced with the drop pending.
+pub struct ParkedPoll {
+    hub: Arc<Hub>,
+    id: ChannelId,
+    key: u64,
+    deadline: Instant,
+    rx: oneshot::Receiver<Delivery>,
+    /// Its deadline passed but someone else had taken its waiter: their answer is coming.
+    expired: bool,
+    settled: bool,
+}
+
+impl ParkedPoll {
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// Waits for the answer: a publish, a revoke, the drain, or the park time running out.
+    pub async fn wait(mut self) -> Answer {
+        let mut park_time = std::pin::pin!(sleep_until(self.deadline));
+        std::future::poll_fn(|cx| self.poll_answer(park_time.as_mut(), cx)).await
+    }
+
+    /// The poll-based core of [`ParkedPoll::wait`], for a transport that drives its own
+    /// future and would rather not hold a nested one per parked poll (the fast path).
+    /// `park_time` must be a `Sleep` until [`ParkedPoll::deadline`], polled only here.
+    pub fn poll_answer(
+        &mut self,
+        park_time: Pin<&mut Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Answer> {
+        let gone = || Delivery::from(Answer::Reconnect);
+        if let Poll::Ready(sent) = Pin::new(&mut self.rx).poll(cx) {
+            return Poll::Ready(self.settle(sent.unwrap_or_else(|_| gone())));
+        }
+        if !self.expired && park_time.poll(cx).is_ready() {
+            match self.hub.expire_poll(self.id, self.key) {
+                Some(answer) => return Poll::Ready(self.settle(answer.into())),
+                // Taken by someone else between the deadline and the lock: their answer is
+                // being sent right now (no lock is held while sending). `rx` was polled
+                // above, so this task is woken when it arrives.
+                None => self.expired = true,
+            }
+        }
+        Poll::Pending
+    }
+
+    /// The answer this poll got could not be written: its client is known to be gone. A
+    /// `new_change` goes back to the channel as its pending mark, for the client's next poll.
+    pub fn undelivered(&self, answer: Answer) {
+        if answer != Answer::NewChange {
+            return;
+        }
+        if let Some(ch) = self.hub.shard(self.id).lock().get_mut(&self.id) {
+            ch.pending.mark(None);
+        }
+    }
+
+    fn settle(&mut self, delivery: Delivery) -> Answer {
+        self.settled = true;
+        self.hub.metrics.count_answer(delivery.answer);
+        if let Some(clock) = &delivery.fanout {
+            clock.answered.store(true, Ordering::Relaxed);
+        }
+        // Dropping `delivery` here releases this poll's hold on the publish's fan-out clock.
+        delivery.answer
+    }
+}
+
+impl Drop for ParkedPoll {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.hub.abandon_poll(self.id, self.key, &mut self.rx);
+        }
+    }
+}
+
+/// A poll of a channel that is not live, held 1–3 s before `reconnect` (SPEC §3).
+pub struct HeldPoll {
+    hub: Arc<Hub>,
+    until: Instant,
+    /// Its place among the id's held polls.
+    key: u64,
+}
+
+impl HeldPoll {
+    pub async fn wait(self) -> Answer {
+        let drain = self.hub.drain_started.notified();
+        tokio::pin!(drain);
+        drain.as_mut().enable();
+        if !self.hub.is_draining() {
+            tokio::select! {
+                _ = sleep_until(self.until) => {}
+                _ = drain => {}
+            }
+        }
+        self.hub.metrics.count_answer(Answer::Reconnect);
+        Answer::Reconnect
+    }
+}
+
+impl Drop for HeldPoll {
+    fn drop(&mut self) {
+        self.hub.held.fetch_sub(1, Ordering::Relaxed);
+        self.hub.not_live.lock().release(self.key);
+    }
+}

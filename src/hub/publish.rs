@@ -1,0 +1,119 @@
+//! Publishing: waking the parked polls of every channel on a topic, and marking every
+//! channel pending when a bus gap cannot be replayed.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{Answer, Delivery, FanoutClock, Hub, Publish, PublishReport, answer_spread};
+use crate::id::ChannelId;
+
+impl Hub {
+    /// Applies publishes: wakes the parked polls of every channel they concern, and marks
+    /// the others pending. `source` labels `nudge_publishes_total`.
+    pub fn publish(&self, batch: &[Publish], source: &str) -> PublishReport {
+        let arrived = Instant::now();
+        let mut ids = Vec::new();
+        // (channel, the publish's position, the waiter's sender, the publish's clock)
+        type Wake = (
+            ChannelId,
+            Option<u64>,
+            oneshot::Sender<Delivery>,
+            Arc<FanoutClock>,
+        );
+        let mut wake: Vec<Wake> = Vec::new();
+        for p in batch {
+            ids.clear();
+            // One clock per publish, made when it first wakes a poll.
+            let mut clock: Option<Arc<FanoutClock>> = None;
+            self.topics.publish(&p.topic, p.position, arrived, &mut ids);
+            for &id in &ids {
+                let mut shard = self.shard(id).lock();
+                let Some(ch) = shard.get_mut(&id) else {
+                    continue;
+                };
+                if !ch.wants(p.stream_type.as_deref()) {
+                    continue;
+                }
+                if ch.waiters.is_empty() {
+                    ch.pending.mark(p.position);
+                } else {
+                    let n = ch.waiters.len() as i64;
+                    let clock = clock.get_or_insert_with(|| {
+                        Arc::new(FanoutClock {
+                            arrived,
+                            histogram: self.metrics.fanout_seconds.clone(),
+                            answered: AtomicBool::new(false),
+                        })
+                    });
+                    wake.extend(
+                        ch.waiters
+                            .drain(..)
+                            .map(|w| (id, p.position, w.tx, clock.clone())),
+                    );
+                    ch.touch_if_idle(arrived);
+                    self.count_parked(-n);
+                }
+            }
+        }
+        self.set_topic_gauges();
+        // No lock held from here on.
+        let mut woken = 0;
+        for (id, position, tx, clock) in wake {
+            let delivery = Delivery {
+                answer: Answer::NewChange,
+                fanout: Some(clock),
+            };
+            if tx.send(delivery).is_ok() {
+                woken += 1;
+            } else if let Some(ch) = self.shard(id).lock().get_mut(&id) {
+                // The client left between parking and now: keep the change for its next poll.
+                ch.pending.mark(position);
+            }
+        }
+        self.metrics
+            .publishes_total
+            .with_label_values(&[source])
+            .inc_by(batch.len() as u64);
+        self.metrics.wakeups_total.inc_by(woken as u64);
+        // nudge_fanout_seconds is observed by the last woken poll (see FanoutClock).
+        PublishReport {
+            published: batch.len(),
+            woken,
+        }
+    }
+
+    /// Marks every live channel pending and answers its parked polls `new_change`, spread
+    /// over `spread`: after a gap in the bus nobody can know what was missed.
+    pub async fn mark_all_pending(&self, spread: Duration) -> usize {
+        let now = Instant::now();
+        let mut wake = Vec::new();
+        let mut channels = 0;
+        for shard in self.channels.iter() {
+            let mut shard = shard.lock();
+            for (id, ch) in shard.iter_mut() {
+                channels += 1;
+                if ch.waiters.is_empty() {
+                    ch.pending.mark(None);
+                } else {
+                    let n = ch.waiters.len() as i64;
+                    wake.extend(ch.waiters.drain(..).map(|w| (*id, w.tx)));
+                    ch.touch_if_idle(now);
+                    self.count_parked(-n);
+                }
+            }
+        }
+        let gone = answer_spread(wake, Answer::NewChange, spread).await;
+        // Polls whose clients left while waiting for their turn: keep the change for the
+        // next poll, as a publish does.
+        for id in gone {
+            if let Some(ch) = self.shard(id).lock().get_mut(&id) {
+                ch.pending.mark(None);
+            }
+        }
+        channels
+    }
+}
