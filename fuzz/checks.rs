@@ -99,7 +99,7 @@ pub fn register_body(data: &[u8]) {
     assert_eq!((counts.channels, counts.topics, counts.parked), (0, 0, 0));
 }
 
-/// The public listener's own request-head reader (`src/http/fast.rs`): the first byte says
+/// The public listener's own request-head reader (`src/http/fast/classify.rs`): the first byte says
 /// whether CORS is on (for every origin), the rest is what arrived on the socket. A head it
 /// serves itself is served the same from its own bytes alone, with the query read as the
 /// hyper path reads it, and CORS changes only which origin is echoed, never the path.

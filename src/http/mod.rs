@@ -1,5 +1,5 @@
 //! HTTP handlers on hyper's `http1` connections (`conn.rs`): the public listener
-//! (`subscribe.rs`, one route, and `fast.rs`, its buffer-less path for parked polls) and the
+//! (`subscribe.rs`, one route, and `fast/`, its buffer-less path for parked polls) and the
 //! internal listener (`internal.rs`). Both answer JSON only, through the helpers here, so
 //! every answer carries the same headers.
 
