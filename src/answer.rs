@@ -4,9 +4,13 @@
 /// What a poll is answered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Answer {
+    /// A publish reached the channel: the client fetches its data, then polls again.
     NewChange,
+    /// Nothing happened before the park time ran out (or the node drains): poll again.
     Reconnect,
+    /// The channel is gone or spent its retries: the client registers a new one.
     MaxRetries,
+    /// `dont_block` was asked and nothing is pending.
     NoChange,
 }
 

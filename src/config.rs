@@ -16,6 +16,7 @@ pub const EXIT_CONFIG: i32 = 64;
 /// Far above any machine nudge runs on; a typo of a larger number is refused.
 const MAX_WORKER_THREADS: usize = 1024;
 
+/// The flags as clap parses them; [`Config::from_args`] validates them.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "nudge",
@@ -92,6 +93,10 @@ pub struct Args {
     pub tls_key: Option<PathBuf>,
 }
 
+/// How log lines are written to stderr (`--log-format`): `text`, human-readable lines
+/// (coloured on a terminal), or `json`, one flattened JSON object per line for collectors.
+// Not one doc line per variant: clap prints those in `--help`, changing its layout.
+#[allow(missing_docs)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -101,24 +106,37 @@ pub enum LogFormat {
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// `--listen`.
     pub listen: SocketAddr,
+    /// `--internal-listen`.
     pub internal_listen: SocketAddr,
     /// `None`: derived from the bound public address.
     pub public_url: Option<String>,
+    /// `--ttl`, `--retry-timeout`, `--max-retries`: defaults and maxima per channel.
     pub limits: Limits,
+    /// `--max-parked`; `None`: the open-files limit minus a reserve.
     pub max_parked: Option<usize>,
     /// `--max-channels` and `--max-topic-bytes`, defaults resolved from the node's memory.
     pub caps: Caps,
+    /// `--max-polls-per-channel`.
     pub max_polls_per_channel: usize,
+    /// `--drain-period`.
     pub drain_period: Duration,
+    /// `--header-read-timeout`; also bounds how long a body may take.
     pub header_read_timeout: Duration,
+    /// `--redis-url`; `None`: a single node, no bus.
     pub redis_url: Option<String>,
+    /// `--redis-channel`.
     pub redis_channel: String,
     /// The internal bearer token, read from `--internal-token-file`.
     pub internal_token: Option<Token>,
+    /// `--cors-origin`, split at commas.
     pub cors_origins: Vec<String>,
+    /// `--log-format`.
     pub log_format: LogFormat,
+    /// `--tls-cert` and `--tls-key`: the public listener speaks HTTPS.
     pub tls: Option<TlsFiles>,
+    /// `--fast-path`.
     pub fast_path: bool,
     /// `None`: one per core (tokio's default).
     pub worker_threads: Option<usize>,
@@ -130,10 +148,12 @@ pub struct Config {
 pub struct Token(String);
 
 impl Token {
+    /// Wraps a token read from a file or given by a test.
     pub fn new(token: impl Into<String>) -> Token {
         Token(token.into())
     }
 
+    /// The token, for a constant-time comparison with a request's.
     pub fn as_bytes(&self) -> &[u8] {
         self.0.as_bytes()
     }
@@ -145,9 +165,12 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// The PEM files of `--tls-cert` and `--tls-key`.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
+    /// Certificate chain (`--tls-cert`).
     pub cert: PathBuf,
+    /// Private key (`--tls-key`).
     pub key: PathBuf,
 }
 
@@ -164,6 +187,7 @@ impl Config {
         Config::from_args(args).expect("test defaults are valid")
     }
 
+    /// Validates the flags; the error names the flag and the process exits [`EXIT_CONFIG`].
     pub fn from_args(a: Args) -> Result<Config, String> {
         let at_least_1s = |d: Duration, flag: &str| {
             if d < Duration::from_secs(1) {

@@ -31,6 +31,7 @@ pub struct Watcher {
 struct Counted(Arc<Open>);
 
 impl Drain {
+    /// A drain not yet signalled; `gauge`, when given, mirrors the open watchers.
     pub fn new(gauge: Option<IntGauge>) -> Drain {
         Drain {
             signal: watch::channel(false).0,

@@ -11,6 +11,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 /// Length of an id in its text form.
 pub const ID_TEXT_LEN: usize = 22;
 
+/// A channel id: 16 random bytes. `Debug` shows only its [`ChannelId::short`] tag.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ChannelId([u8; 16]);
 

@@ -14,6 +14,9 @@
 //! - [`id`]: channel ids, 128 random bits that are never logged whole.
 //! - [`logging`], [`signal`]: the process around it.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod answer;
 pub mod bus;
 pub mod config;

@@ -15,14 +15,24 @@ const FD_RESERVE: u64 = 256;
 /// Accept backlog asked of the kernel (capped by `net.core.somaxconn`).
 const LISTEN_BACKLOG: u32 = 65_535;
 
+/// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    /// A bad file or setting found at start; the process exits [`EXIT_CONFIG`](crate::config::EXIT_CONFIG).
     #[error("{0}")]
     Config(String),
+    /// A listener's address could not be bound.
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why the OS refused it (in use, not permitted, no such address).
+        source: io::Error,
+    },
 }
 
+/// Accepts connections until `stop` is signalled; a failed accept (EMFILE) makes it
+/// back off and warn, not end.
 pub async fn accept_loop(
     listener: TcpListener,
     mut stop: Watcher,

@@ -9,10 +9,14 @@ use prometheus::{
 
 use crate::answer::Answer;
 
+/// Every metric of a node, registered into its own [`Registry`].
 pub struct Metrics {
     registry: Registry,
+    /// `nudge_parked_polls`: polls parked on channels now.
     pub parked_polls: IntGauge,
+    /// `nudge_channels`: live channels.
     pub channels: IntGauge,
+    /// `nudge_topics`: topics with channels, and remembered positions.
     pub topics: IntGauge,
     /// Bytes of the distinct topic names bound by live channels (`--max-topic-bytes`).
     pub topic_bytes: IntGauge,
@@ -20,14 +24,20 @@ pub struct Metrics {
     pub registrations_refused_total: IntCounter,
     /// Positions of topics nobody listens to that were not remembered (count or bytes full).
     pub positions_refused_total: IntCounter,
+    /// `nudge_open_connections`: open connections on the public listener.
     pub open_connections: IntGauge,
+    /// `nudge_polls_total{outcome}`: polls answered, by answer or refusal.
     pub polls_total: IntCounterVec,
+    /// `nudge_publishes_total{source}`: publishes applied, from the API or the bus.
     pub publishes_total: IntCounterVec,
+    /// `nudge_wakeups_total`: parked polls woken by a publish.
     pub wakeups_total: IntCounter,
+    /// `nudge_bus_gaps_total`: bus outages after which every channel was marked pending.
     pub bus_gaps_total: IntCounter,
     /// Registered only when a bus is configured: a node without one has nothing to be
     /// disconnected from, and must not trip a "bus down" alert.
     pub bus_connected: IntGauge,
+    /// `nudge_fanout_seconds`: from a publish's arrival to its last answer handed over.
     pub fanout_seconds: Histogram,
     /// Requests on the public listener by who parsed them: `fast` or `hyper`.
     pub public_requests_total: IntCounterVec,
@@ -41,20 +51,26 @@ pub struct Metrics {
 /// one on the fast path, so operators should see when clients end up there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ParkedOn {
+    /// The buffer-less fast path.
     Fast,
+    /// hyper: the fast path is off, or the request was not one it serves.
     Hyper,
 }
 
 /// Outcomes counted in `nudge_polls_total{outcome}` besides the four answers.
 pub mod outcome {
+    /// Refused: the channel's parked limit was reached (429).
     pub const TOO_MANY_POLLS: &str = "too_many_polls";
+    /// Refused: the node's parked limit was reached (503).
     pub const OVER_CAPACITY: &str = "over_capacity";
+    /// Refused: a malformed query (400).
     pub const BAD_REQUEST: &str = "bad_request";
     /// The client went away while parked.
     pub const GONE: &str = "gone";
 }
 
 impl Metrics {
+    /// Registers every metric into `registry`; `nudge_bus_connected` only `with_bus`.
     pub fn new(registry: Registry, with_bus: bool) -> Metrics {
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
             r.register(Box::new(c.clone()))
@@ -202,6 +218,7 @@ impl Metrics {
         self.parked_on[on as usize].inc();
     }
 
+    /// Counts a poll outcome that is not an answer (see [`outcome`]).
     pub fn count_outcome(&self, outcome: &str) {
         self.polls_total.with_label_values(&[outcome]).inc();
     }

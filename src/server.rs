@@ -45,6 +45,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// After the drain, how long connections get to finish before we stop waiting.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// A bound node: both listeners, the hub and the bus; [`Server::run`] serves until shutdown.
 pub struct Server {
     config: Config,
     public: TcpListener,
@@ -133,14 +134,17 @@ impl Server {
         })
     }
 
+    /// The public listener's bound address (the port, when `--listen` asked for 0).
     pub fn public_addr(&self) -> SocketAddr {
         self.public.local_addr().expect("bound")
     }
 
+    /// The internal listener's bound address.
     pub fn internal_addr(&self) -> SocketAddr {
         self.internal.local_addr().expect("bound")
     }
 
+    /// The node's hub, for tests and embedders to inspect.
     pub fn hub(&self) -> &Arc<Hub> {
         &self.hub
     }

@@ -24,6 +24,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{e} (use e.g. 45s, 10m, or whole seconds)"))
 }
 
+/// Decodes a JSON body; any error is a `400 bad_request` that quotes serde's message.
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
@@ -187,13 +188,16 @@ pub fn parse_register_body(body: &[u8]) -> Result<Registration, ApiError> {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeBody {
+    /// Only channels registered with this subject.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
+    /// Only channels bound to this topic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topic: Option<String>,
 }
 
 impl RevokeBody {
+    /// The filter it asks for; at least one of `subject` and `topic` must be non-empty.
     pub fn into_filter(self) -> Result<RevokeFilter, ApiError> {
         let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
         let filter = RevokeFilter {

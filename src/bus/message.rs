@@ -23,16 +23,21 @@ use crate::wire::{RevokeBody, parse_publish_body};
 /// A decoded bus message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message {
+    /// A batch of publishes, as `POST /v1/publish` took them.
     Publish(Vec<Publish>),
+    /// A revocation: the channels matching `subject` and `topic` are removed.
     Revoke {
         /// The node that applied it already; `None` when the main API sent it.
         origin: Option<String>,
+        /// Only channels registered with this subject.
         subject: Option<String>,
+        /// Only channels bound to this topic.
         topic: Option<String>,
     },
 }
 
 impl Message {
+    /// The channels a revocation removes; `None` for a publish.
     pub fn revoke_filter(&self) -> Option<RevokeFilter> {
         match self {
             Message::Revoke { subject, topic, .. } => Some(RevokeFilter {

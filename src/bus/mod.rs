@@ -39,12 +39,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use crate::hub::{Hub, Publish, RevokeFilter};
 use publisher::Publisher;
 
+/// Why a publish or a revocation could not go on the bus.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
+    /// The subscription is down: a publish is applied here only when it comes back,
+    /// so none is sent.
     #[error("the bus subscription is down")]
     NotConnected,
+    /// Redis did not connect or answer within the publisher's timeout.
     #[error("Redis did not answer in time")]
     Timeout,
+    /// Redis answered with an error, or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 }

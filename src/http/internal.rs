@@ -24,10 +24,13 @@ use crate::wire::{RevokeBody, parse_json, parse_publish_body, parse_register_bod
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
 
+/// What the internal listener's routes share.
 pub struct InternalState {
+    /// The node's hub.
     pub hub: Arc<Hub>,
     /// Base of channel URLs, without a trailing `/`.
     pub public_url: String,
+    /// `--internal-token-file`'s token; `None`: only loopback `Host`s are served.
     pub token: Option<Token>,
     /// False until the listeners are up, and again from the start of the drain.
     pub ready: AtomicBool,
@@ -97,6 +100,7 @@ fn log_bus_error(e: &BusError, what: &str) {
     }
 }
 
+/// Answers one request on the internal listener; every error becomes its JSON answer.
 pub async fn handle(req: Request<Incoming>, state: &InternalState) -> Response<Body> {
     match route(req, state).await {
         Ok(res) => res,

@@ -16,6 +16,7 @@ use hyper::{Response, StatusCode};
 
 use crate::error::ApiError;
 
+/// The body of every hyper answer: whole, never streamed.
 pub type Body = Full<Bytes>;
 
 const JSON: HeaderValue = HeaderValue::from_static("application/json");

@@ -19,8 +19,11 @@ use crate::metrics::{ParkedOn, outcome};
 /// Longest query string accepted (`400 bad_request` past it).
 pub const MAX_QUERY_LEN: usize = 4096;
 
+/// What the public route shares.
 pub struct PublicState {
+    /// The node's hub.
     pub hub: Arc<Hub>,
+    /// `--cors-origin`: which browser origins may long-poll.
     pub cors: Cors,
 }
 
@@ -32,8 +35,11 @@ pub fn answer_body(answer: Answer) -> Bytes {
 /// A decoded `/subscribe` query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubscribeQuery {
+    /// `channel=`: the channel id as the client sent it (not yet parsed).
     pub channel: String,
+    /// `stream_position=`: the newest position the client has seen.
     pub stream_position: Option<u64>,
+    /// `dont_block=true`: answer at once instead of parking.
     pub dont_block: bool,
 }
 
@@ -222,6 +228,7 @@ pub struct Cors {
 }
 
 impl Cors {
+    /// The allowed origins (`--cors-origin`); `*` allows any.
     pub fn new(origins: Vec<String>) -> Cors {
         Cors { origins }
     }

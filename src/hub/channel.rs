@@ -13,8 +13,11 @@ use super::Delivery;
 /// The limits a channel enforces: the node's defaults, lowered per channel on registration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Time a channel lives without a parked poll.
     pub ttl: Duration,
+    /// Longest time a poll stays parked (less a grace, see [`park_time`](super::park_time)).
     pub retry_timeout: Duration,
+    /// `reconnect` answers beyond the first before the channel answers `max_retries`.
     pub max_retries: u32,
 }
 

@@ -56,7 +56,9 @@ const TOPIC_SHARDS: usize = 64;
 pub const NOT_LIVE_CAPACITY: usize = 65_536;
 /// Bound on topics remembered only for their latest position.
 pub const POSITION_CAPACITY: usize = 1 << 20;
+/// Most topics one channel may be bound to.
 pub const MAX_TOPICS_PER_CHANNEL: usize = 64;
+/// Longest topic name, in bytes.
 pub const MAX_TOPIC_LEN: usize = 256;
 /// Longest `stream_type`, in bytes.
 pub const MAX_STREAM_TYPE_LEN: usize = 64;
@@ -103,7 +105,9 @@ impl Drop for FanoutClock {
 pub struct HubConfig {
     /// Channel defaults, and the maxima a registration may ask for.
     pub limits: Limits,
+    /// `--max-polls-per-channel`: past it a poll is answered 429.
     pub max_polls_per_channel: usize,
+    /// `--max-parked`: parked and held polls on the node; past it a poll is answered 503.
     pub max_parked: usize,
 }
 
@@ -168,7 +172,9 @@ fn node_memory() -> Option<u64> {
 /// What a poll asks besides its channel.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PollRequest {
+    /// The client's newest seen position: a newer one on a topic answers `new_change` at once.
     pub stream_position: Option<u64>,
+    /// Answer at once (`new_change` or `no_change`) instead of parking.
     pub dont_block: bool,
 }
 
@@ -189,39 +195,57 @@ pub enum PollStart {
 /// A channel registration, already decoded (validation happens in [`Hub::register`]).
 #[derive(Clone, Debug, Default)]
 pub struct Registration {
+    /// Topics whose publishes wake the channel.
     pub topics: Vec<String>,
+    /// Who the channel is for, so that a revocation by subject finds it.
     pub subject: Option<String>,
+    /// Only publishes of this `stream_type` wake it; `None` for all.
     pub stream_type: Option<String>,
+    /// `None`: the node's `--ttl`; more is clamped to it.
     pub ttl: Option<Duration>,
+    /// `None`: the node's `--retry-timeout`; more is clamped to it.
     pub retry_timeout: Option<Duration>,
+    /// `None`: the node's `--max-retries`; more is clamped to it.
     pub max_retries: Option<u32>,
 }
 
+/// A registered channel: what the main API hands on to its client.
 #[derive(Clone, Debug)]
 pub struct Registered {
+    /// The new channel's id, a bearer credential.
     pub id: ChannelId,
+    /// The limits after clamping to the node's.
     pub limits: Limits,
     /// `None` for `all`.
     pub stream_type: Option<String>,
 }
 
+/// Why a registration was refused (`400 bad_request`, or `503 too_many_channels`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegisterError {
+    /// No topics, or more than [`MAX_TOPICS_PER_CHANNEL`].
     #[error("topics must hold 1 to {MAX_TOPICS_PER_CHANNEL} topics")]
     TopicCount,
+    /// A topic empty, too long, or not visible ASCII.
     #[error("a topic is 1 to {MAX_TOPIC_LEN} bytes of visible ASCII (0x21-0x7E)")]
     BadTopic,
+    /// A subject empty or longer than 256 bytes.
     #[error("subject must be 1 to 256 bytes")]
     BadSubject,
+    /// A stream type empty, too long, or not visible ASCII.
     #[error("stream_type must be 1 to 64 bytes of visible ASCII")]
     BadStreamType,
+    /// The named duration (`ttl`, `retry_timeout`) is under a second.
     #[error("{0} must be at least 1 second")]
     TooShort(&'static str),
     /// Past `--max-channels` or `--max-topic-bytes`: retry after `retry_after`.
     #[error("this node holds as many {what} as it may ({limit}); retry later or elsewhere")]
     TooManyChannels {
+        /// Which cap: channels or topic bytes.
         what: &'static str,
+        /// The cap's value.
         limit: usize,
+        /// How long until an idle channel expires and makes room (`Retry-After`).
         retry_after: Duration,
     },
 }
@@ -230,38 +254,58 @@ pub enum RegisterError {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Publish {
+    /// The topic whose channels are woken.
     pub topic: String,
+    /// The change's position in the topic's stream, which a poll's `stream_position` is
+    /// compared with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<u64>,
+    /// Wakes only channels of this `stream_type` and those of `all`; `None` wakes every
+    /// one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_type: Option<String>,
 }
 
+/// What `POST /v1/publish` answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PublishReport {
+    /// Publishes applied.
     pub published: usize,
+    /// Parked polls they woke on this node.
     pub woken: usize,
 }
 
 /// Which channels a revocation removes: those matching every filter given.
 #[derive(Clone, Debug, Default)]
 pub struct RevokeFilter {
+    /// Only channels registered with this subject.
     pub subject: Option<String>,
+    /// Only channels bound to this topic.
     pub topic: Option<String>,
 }
 
 /// What `GET /v1/channels/{id}` shows.
 #[derive(Clone, Debug, Serialize)]
 pub struct ChannelInfo {
+    /// The channel's id.
     pub channel: String,
+    /// Its topics.
     pub topics: Vec<String>,
+    /// Its subject, if registered with one.
     pub subject: Option<String>,
+    /// Its stream type, or `all`.
     pub stream_type: String,
+    /// Its ttl after clamping.
     pub ttl_seconds: u64,
+    /// Its retry timeout after clamping.
     pub retry_timeout_seconds: u64,
+    /// Its `reconnect` allowance after clamping.
     pub max_retries: u32,
+    /// `reconnect` answers it has given so far.
     pub retries_used: u32,
+    /// Polls parked on it now.
     pub parked_polls: usize,
+    /// A change is waiting: the next poll is answered `new_change` at once.
     pub pending: bool,
     /// Seconds until the channel expires; `null` while a poll keeps it alive.
     pub expires_in_seconds: Option<f64>,
@@ -270,15 +314,21 @@ pub struct ChannelInfo {
 /// Counts for tests and operators (the same figures as the gauges).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HubCounts {
+    /// Live channels (`nudge_channels`).
     pub channels: usize,
+    /// Parked polls (`nudge_parked_polls`).
     pub parked: usize,
+    /// Held polls of not-live ids.
     pub held: usize,
+    /// Topic entries (`nudge_topics`).
     pub topics: usize,
+    /// Not-live ids remembered.
     pub not_live: usize,
 }
 
 type ChannelShard = HashMap<ChannelId, Channel, IdHasher>;
 
+/// All of a node's state: channels, topics, parked polls. Shared as `Arc<Hub>`.
 pub struct Hub {
     config: HubConfig,
     caps: Caps,
@@ -306,6 +356,7 @@ impl Hub {
         Hub::with_caps(config, Caps::for_this_node(), metrics)
     }
 
+    /// A hub with the given caps, for tests and for `--max-channels`/`--max-topic-bytes`.
     pub fn with_caps(config: HubConfig, caps: Caps, metrics: Arc<Metrics>) -> Arc<Hub> {
         // The defaults are derived from the machine: say what they came to.
         tracing::info!(
@@ -336,14 +387,17 @@ impl Hub {
         })
     }
 
+    /// The settings it was built with.
     pub fn config(&self) -> &HubConfig {
         &self.config
     }
 
+    /// The channel caps in force (logged at start: they may come from the machine).
     pub fn caps(&self) -> Caps {
         self.caps
     }
 
+    /// The metrics it updates.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
@@ -358,6 +412,7 @@ impl Hub {
         self.metrics.parked_polls.add(delta);
     }
 
+    /// Its counts now; each is read on its own, so they may be a moment apart.
     pub fn counts(&self) -> HubCounts {
         HubCounts {
             channels: self.live.load(Ordering::Relaxed),
@@ -368,6 +423,7 @@ impl Hub {
         }
     }
 
+    /// Whether the drain has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
@@ -456,6 +512,7 @@ pub fn park_time(retry_timeout: Duration) -> Duration {
     base - base.mul_f64(fastrand::f64() * 0.1)
 }
 
+/// Whether `s` is 1 to `max_len` bytes of visible ASCII (0x21-0x7E): no spaces, no controls.
 pub fn is_visible_ascii(s: &str, max_len: usize) -> bool {
     !s.is_empty() && s.len() <= max_len && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }

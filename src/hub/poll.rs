@@ -203,6 +203,7 @@ pub struct ParkedPoll {
 }
 
 impl ParkedPoll {
+    /// When the park time runs out, for a transport that drives its own timer.
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
@@ -276,6 +277,7 @@ pub struct HeldPoll {
 }
 
 impl HeldPoll {
+    /// Waits until its hold time is over or the drain begins, then answers `reconnect`.
     pub async fn wait(self) -> Answer {
         let drain = self.hub.drain_started.notified();
         tokio::pin!(drain);

@@ -126,6 +126,7 @@ impl Hub {
             .set(self.topics.bound_bytes() as i64);
     }
 
+    /// What `GET /v1/channels/{id}` shows; `None` for an unknown or malformed id.
     pub fn channel_info(&self, id_text: &str) -> Option<ChannelInfo> {
         let id = ChannelId::parse(id_text)?;
         let shard = self.shard(id).lock();

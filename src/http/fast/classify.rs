@@ -12,6 +12,7 @@ const MAX_HEADERS: usize = 100;
 /// A fast-path request, decoded from its head.
 #[derive(Debug, PartialEq, Eq)]
 pub struct FastRequest {
+    /// The decoded `/subscribe` query.
     pub query: SubscribeQuery,
     /// The client asked for `Connection: close`.
     pub close: bool,
@@ -22,8 +23,13 @@ pub struct FastRequest {
 /// What a buffer holding the start of a connection's next request is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Classified {
-    /// A complete head of `len` bytes that the fast path serves.
-    Fast { len: usize, request: FastRequest },
+    /// A complete head that the fast path serves.
+    Fast {
+        /// The head's length in bytes, up to and including its blank line.
+        len: usize,
+        /// What the head asks.
+        request: FastRequest,
+    },
     /// Not incomplete, but not for the fast path: hand to hyper.
     Hyper,
     /// The head is not complete yet.

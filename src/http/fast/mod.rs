@@ -101,6 +101,7 @@ enum Waited {
 }
 
 impl FastPath {
+    /// The fast path of the public listener, with its answers prebuilt once.
     pub async fn new(
         state: Arc<PublicState>,
         builder: http1::Builder,
