@@ -6,9 +6,10 @@
 pub enum Answer {
     /// A publish reached the channel: the client fetches its data, then polls again.
     NewChange,
-    /// Nothing happened before the park time ran out (or the node drains): poll again.
+    /// Poll again: the park time ran out with nothing new, or the node drains.
     Reconnect,
-    /// The channel is gone or spent its retries: the client registers a new one.
+    /// The channel spent its retries or is not live (expired, revoked, unknown): the client
+    /// asks the main API for a new one.
     MaxRetries,
     /// `dont_block` was asked and nothing is pending.
     NoChange,

@@ -72,8 +72,9 @@ impl fmt::Debug for ChannelId {
     }
 }
 
-/// Hashes a [`ChannelId`] by its last 8 bytes. The ids come from a CSPRNG and are never
-/// chosen by a client (lookups of client-chosen ids insert nothing), so no keyed hash is needed.
+/// Hashes a [`ChannelId`] by folding all of its bytes, 8 at a time, with a rotate and an
+/// xor: no mixing rounds, since the ids come from a CSPRNG and are never chosen by a client
+/// (lookups of client-chosen ids insert nothing), so no keyed hash is needed either.
 #[derive(Clone, Copy, Default)]
 pub struct IdHasher(u64);
 
@@ -82,8 +83,8 @@ impl Hasher for IdHasher {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        // `ChannelId` hashes as one `[u8; 16]` write (after a length prefix for slices;
-        // arrays have none). Fold whatever comes in, keeping the common case cheap.
+        // `ChannelId` hashes as two writes: the array's length prefix (16, as a `usize`),
+        // then its 16 bytes. Fold whatever comes in, keeping the common case cheap.
         for chunk in bytes.chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);

@@ -18,7 +18,8 @@ const LISTEN_BACKLOG: u32 = 65_535;
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A bad file or setting found at start; the process exits [`EXIT_CONFIG`](crate::config::EXIT_CONFIG).
+    /// A bad file or setting found at start: the process exits
+    /// [`EXIT_CONFIG`](crate::config::EXIT_CONFIG).
     #[error("{0}")]
     Config(String),
     /// A listener's address could not be bound.

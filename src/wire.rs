@@ -152,8 +152,9 @@ struct RegisterBody {
     max_retries: Option<CountField>,
 }
 
-/// Decodes a `POST /v1/channels` body into a [`Registration`]; [`Hub::register`] then
-/// validates topics, subject and stream type. Public for the fuzz targets.
+/// Decodes a `POST /v1/channels` body into a [`Registration`];
+/// [`Hub::register`](crate::hub::Hub::register) then validates topics, subject and stream
+/// type. Public for the fuzz targets.
 pub fn parse_register_body(body: &[u8]) -> Result<Registration, ApiError> {
     let body: RegisterBody = parse_json(body)?;
     let max_retries = match body.max_retries {

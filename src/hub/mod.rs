@@ -14,12 +14,13 @@
 //! lock and answered after it is released.
 //!
 //! # No lost wake-up
-//! A parked poll is a [`Waiter`] in its channel's list. Whoever removes a waiter from the
-//! list answers it: a publish (`new_change`), its own deadline (`reconnect`), a revoke or a
-//! delete (`max_retries`), the drain (`reconnect`). A publish that finds no waiter sets the
-//! channel's pending mark under the same lock a poll checks it under. If a `new_change` is
-//! sent to a poll whose client has gone, either the sender sees the failure or the poll's
-//! guard finds the undelivered answer; whichever it is puts the pending mark back.
+//! A parked poll is a `Waiter` (`channel.rs`) in its channel's list. Whoever removes a
+//! waiter from the list answers it: a publish (`new_change`), its own deadline
+//! (`reconnect`), a revoke or a delete (`max_retries`), the drain (`reconnect`). A publish
+//! that finds no waiter sets the channel's pending mark under the same lock a poll checks it
+//! under. If a `new_change` is sent to a poll whose client has gone, either the sender sees
+//! the failure or the poll's guard finds the undelivered answer; whichever it is puts the
+//! pending mark back.
 
 mod channel;
 mod not_live;

@@ -142,7 +142,7 @@ impl FastPath {
     /// What a parked poll costs is this future's size, so it is kept small: the states a
     /// parked poll does not need (reading a head, with its timers; hyper; a held poll; a
     /// client that queued bytes behind its poll) are boxed, and the parked state itself is
-    /// [`wait_parked`].
+    /// `wait_parked`.
     pub async fn serve(self: Arc<Self>, stream: TcpStream, mut close: Watcher) {
         loop {
             // Scoped so that nothing of the request outlives the start of the poll.
