@@ -23,7 +23,7 @@ use crate::wire::{RevokeBody, parse_publish_body};
 /// A decoded bus message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message {
-    /// A batch of publishes, as `POST /v1/publish` took them.
+    /// A batch of publishes, in any shape `POST /v1/publish` takes.
     Publish(Vec<Publish>),
     /// A revocation: the channels matching `subject` and `topic` are removed.
     Revoke {

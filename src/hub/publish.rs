@@ -86,8 +86,9 @@ impl Hub {
         }
     }
 
-    /// Marks every live channel pending and answers its parked polls `new_change`, spread
-    /// over `spread`: after a gap in the bus nobody can know what was missed.
+    /// Answers every parked poll `new_change`, spread over `spread`, and marks every channel
+    /// without one pending: after a gap in the bus nobody can know what was missed. Returns
+    /// the number of live channels.
     pub async fn mark_all_pending(&self, spread: Duration) -> usize {
         let now = Instant::now();
         let mut wake = Vec::new();

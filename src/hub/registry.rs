@@ -104,7 +104,8 @@ impl Hub {
     }
 
     /// Counts a refused registration and says when to retry: when the earliest idle channel
-    /// expires (as the last sweep saw it, plus the sweep's second), between 1 s and 60 s.
+    /// expires (as the last sweep saw it, plus the sweep's second; 5 s if it saw none),
+    /// between 1 s and 60 s.
     pub(super) fn refuse(&self, what: &'static str, limit: usize) -> RegisterError {
         self.metrics.registrations_refused_total.inc();
         let now = Instant::now();

@@ -136,7 +136,7 @@ impl FastPath {
         }
     }
 
-    /// Serves one public connection until it closes, or hands it to hyper. `drain` says when
+    /// Serves one public connection until it closes, or hands it to hyper. `close` says when
     /// to close, and is dropped (counting the connection closed) when it ends.
     ///
     /// What a parked poll costs is this future's size, so it is kept small: the states a
