@@ -1,7 +1,7 @@
 //! nudge: a long-poll realtime server. Clients park `GET /subscribe?channel=…` polls; the
 //! application's main API registers channels and publishes changes on the internal
 //! listener; every parked poll of every channel on a published topic is answered
-//! `{"message":"new_change"}`. SPEC.md is the behaviour; the README explains it.
+//! `{"message":"new_change"}`. SPEC.md is the behaviour; the README and docs/ explain it.
 //!
 //! A tour of the modules:
 //! - [`config`]: flags with `NUDGE_*` twins, validated before anything is bound.
