@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rough publishes/s through one Redis into nudge nodes (README, "Scaling out" → "Capacity").
+# Rough publishes/s through one Redis into nudge nodes (docs/scaling-out.md, "Capacity").
 #
 # Starts a redis-server and NODES nudge nodes (release build) on free loopback ports, sends
 # N PUBLISHes into Redis with redis-benchmark (CLIENTS connections, PIPELINE deep, random

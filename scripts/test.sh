@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one test command (README "Test"): installs what the tests need on a fresh Debian
+# The one test command (README "Run and test"): installs what the tests need on a fresh Debian
 # machine with only Rust present, then runs every suite. Safe to run again: installs are
 # skipped when already there.
 set -euo pipefail
@@ -54,7 +54,7 @@ export NUDGE_REQUIRE_TOOLS=1
 step "cargo test (unit and integration tests, real sockets, the real binary)"
 cargo test --locked --all-targets
 
-step "churn soak, short mode (examples/soak: lost changes, leaks, memory; README, Reliability)"
+step "churn soak, short mode (examples/soak: lost changes, leaks, memory; docs/reliability.md)"
 cargo build --locked --bin nudge --example soak
 # Two nodes on a Redis bus with the fault drills (Redis killed, a node drained, a burst of
 # clients), then the leak and memory checks.
@@ -83,3 +83,6 @@ if [ -f deploy/check.sh ]; then
     step "deploy/ checks"
     bash deploy/check.sh
 fi
+
+step "docs: every relative Markdown link and anchor resolves"
+python3 scripts/check-doc-links.py

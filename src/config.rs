@@ -421,32 +421,17 @@ mod tests {
 
     #[test]
     fn bad_values_name_their_flag() {
-        assert!(parse(&["--ttl", "0s"]).unwrap_err().contains("--ttl"));
-        assert!(
-            parse(&["--retry-timeout", "abc"])
-                .unwrap_err()
-                .contains("--retry-timeout")
-        );
-        assert!(
-            parse(&["--max-polls-per-channel", "0"])
-                .unwrap_err()
-                .contains("--max-polls-per-channel")
-        );
-        assert!(
-            parse(&["--internal-listen", "0.0.0.0:8081"])
-                .unwrap_err()
-                .contains("--internal-token-file")
-        );
-        assert!(
-            parse(&["--public-url", "ftp://x"])
-                .unwrap_err()
-                .contains("--public-url")
-        );
-        assert!(
-            parse(&["--worker-threads", "0"])
-                .unwrap_err()
-                .contains("--worker-threads")
-        );
+        for (flag, value, named) in [
+            ("--ttl", "0s", "--ttl"),
+            ("--retry-timeout", "abc", "--retry-timeout"),
+            ("--max-polls-per-channel", "0", "--max-polls-per-channel"),
+            ("--internal-listen", "0.0.0.0:8081", "--internal-token-file"),
+            ("--public-url", "ftp://x", "--public-url"),
+            ("--worker-threads", "0", "--worker-threads"),
+        ] {
+            let error = parse(&[flag, value]).unwrap_err();
+            assert!(error.contains(named), "{flag} {value}: {error}");
+        }
         assert_eq!(
             parse(&["--worker-threads", "1"]).unwrap().worker_threads,
             Some(1)

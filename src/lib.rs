@@ -1,18 +1,27 @@
 //! nudge: a long-poll realtime server. Clients park `GET /subscribe?channel=…` polls; the
 //! application's main API registers channels and publishes changes on the internal
 //! listener; every parked poll of every channel on a published topic is answered
-//! `{"message":"new_change"}`. SPEC.md is the behaviour; the README explains it.
+//! `{"message":"new_change"}`. SPEC.md is the behaviour; the README and docs/ explain it.
 //!
-//! A tour of the modules:
-//! - [`config`]: flags with `NUDGE_*` twins, validated before anything is bound.
-//! - [`server`]: the two listeners, hyper `http1` connections, TLS, and the drain.
-//! - [`http::subscribe`]: the public route; [`http::internal`]: the main API's routes.
-//! - [`hub`]: channels, topics, parked polls, expiry: all the state, none of the I/O.
+//! A tour of the modules, top-down: each uses only those below it.
+//! - [`server`]: the [`Server`]: builds everything, binds, serves, drains.
+//! - [`listen`]: binding with a deep backlog, the accept loops and their backoff, the
+//!   open-files limit; [`drain`]: the drain signal and the count of what is still open.
+//! - [`http`]: hyper's connections ([`http::conn`]), the public route
+//!   ([`http::subscribe`]) and its buffer-less fast path ([`http::fast`]), the client
+//!   watch both use ([`http::watched`]), and the main API's routes ([`http::internal`]);
+//!   [`tls`]: the public listener's certificates.
+//! - [`config`]: flags with `NUDGE_*` twins, validated before anything is bound;
+//!   [`logging`], [`signal`]: the process around it.
 //! - [`bus`]: the Redis pub/sub bus that carries publishes and revocations between nodes.
-//! - [`metrics`]: Prometheus metrics in a registry that is passed in, not global.
-//! - [`error`]: every error answer, one mapping to status and stable `code`.
-//! - [`id`]: channel ids, 128 random bits that are never logged whole.
-//! - [`logging`], [`signal`]: the process around it.
+//! - [`wire`]: the bodies a main API sends (publish, registration, revocation, durations),
+//!   one parser for the HTTP routes, the bus and the fuzz targets.
+//! - [`hub`]: channels, topics, parked polls, expiry: all the state, none of the I/O.
+//! - [`metrics`]: Prometheus metrics in a registry that is passed in, not global; the hub
+//!   writes them and never reads them back.
+//! - [`answer`]: the four answers and their bodies; [`error`]: every error answer, one
+//!   mapping to status and stable `code`; [`id`]: channel ids, 128 random bits that are
+//!   never logged whole.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -156,19 +156,13 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let Server {
-            config,
-            public,
-            internal,
-            tls,
-            hub,
-            bus,
-            public_state,
-            internal_state,
-        } = self;
+        // Moved out field by field: the accept loops' closures take what they need.
+        let (config, hub) = (self.config, self.hub);
+        let (tls, public_state, internal_state) =
+            (self.tls, self.public_state, self.internal_state);
         let sweeper = tokio::spawn(hub.clone().sweeper(SWEEP_EVERY));
         // With a bus, `/readyz` stays 503 until its first subscription is up.
-        let bus_task = bus.map(|bus| tokio::spawn(bus.run()));
+        let bus_task = self.bus.map(|bus| tokio::spawn(bus.run()));
 
         // Three drains, in the order they begin: accepting public connections, the public
         // connections themselves, and the internal listener with its connections.
@@ -193,7 +187,7 @@ impl Server {
             let conns = public_conns.clone();
             let builder = builder.clone();
             let timeout = config.header_read_timeout;
-            accept_loop(public, public_accept.watcher(), move |stream| {
+            accept_loop(self.public, public_accept.watcher(), move |stream| {
                 let drain = conns.watcher();
                 // One spawn per kind of connection: a task is as large as its future's largest
                 // state, and a parked poll on the fast path must not pay for a TLS handshake.
@@ -238,7 +232,7 @@ impl Server {
         let readiness = internal_state.clone();
         let internal_task = {
             let conns = internal_drain.clone();
-            accept_loop(internal, internal_drain.watcher(), move |stream| {
+            accept_loop(self.internal, internal_drain.watcher(), move |stream| {
                 let state = internal_state.clone();
                 let drain = conns.watcher();
                 let builder = builder.clone();

@@ -136,7 +136,7 @@ pub fn alive(pid: u32) -> bool {
 }
 
 /// Kernel memory that sockets hold, system-wide.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct KernelMemory {
     /// `/proc/net/sockstat` `TCP: ... mem P`: pages held by TCP socket buffers (queued data).
     pub tcp_mem_pages: u64,

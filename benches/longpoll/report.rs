@@ -1,5 +1,5 @@
-//! From the runs to the report: medians per server, the table (Markdown, so it can go into the
-//! README as printed), the targets, and the JSON with every run.
+//! From the runs to the report: medians per server, the table (Markdown, so it can go into
+//! docs/performance.md as printed), the targets, and the JSON with every run.
 
 use serde_json::{Value, json};
 

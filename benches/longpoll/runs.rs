@@ -36,8 +36,8 @@ pub struct ParkRun {
     pub parked_pss_kb: u64,
     /// Kernel: TCP buffer pages (`/proc/net/sockstat` mem) and slab kB, system-wide, before and
     /// with all N parked. Both ends of each loopback connection are in these.
-    pub kernel_base: KernelCounters,
-    pub kernel_parked: KernelCounters,
+    pub kernel_base: KernelMemory,
+    pub kernel_parked: KernelMemory,
     /// CPU the server used while all N were parked and nothing else happened, in % of one core
     /// (largest N only).
     pub cpu_parked_percent: Option<f64>,
@@ -46,23 +46,6 @@ pub struct ParkRun {
     pub park_seconds: f64,
     /// The wake-up of all N.
     pub wake: Option<Wake>,
-}
-
-#[derive(Clone, Copy, Debug, Serialize)]
-pub struct KernelCounters {
-    pub tcp_mem_pages: u64,
-    pub tcp_inuse: u64,
-    pub slab_kb: u64,
-}
-
-impl From<KernelMemory> for KernelCounters {
-    fn from(k: KernelMemory) -> KernelCounters {
-        KernelCounters {
-            tcp_mem_pages: k.tcp_mem_pages,
-            tcp_inuse: k.tcp_inuse,
-            slab_kb: k.slab_kb,
-        }
-    }
 }
 
 /// Times from the start of the publish (the first byte written) to each poll's complete answer.
@@ -301,8 +284,8 @@ async fn park_run_on(
         base_pss_kb: base.pss_kb,
         parked_rss_kb: memory.rss_kb,
         parked_pss_kb: memory.pss_kb,
-        kernel_base: kernel_base.into(),
-        kernel_parked: kernel.into(),
+        kernel_base,
+        kernel_parked: kernel,
         cpu_parked_percent,
         cpu_window_seconds,
         park_seconds,

@@ -14,7 +14,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 /// After a gap in its bus subscription a node answers its parked polls `new_change` spread
-/// over this window (src/bus/subscriber.rs, README "When something dies").
+/// over this window (src/bus/subscriber.rs, docs/scaling-out.md "When something dies").
 const GAP_SPREAD: Duration = Duration::from_secs(2);
 
 /// How a client follows changes.

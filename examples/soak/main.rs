@@ -2,7 +2,7 @@
 //!
 //! ```sh
 //! cargo build --release --bin nudge --example soak
-//! # by hand (the README, section "Reliability", has its latest figures):
+//! # by hand (docs/reliability.md, "The churn soak", has its latest figures):
 //! target/release/examples/soak --duration 150s --clients 600 --burst 2000 --topics 200 --nodes 2 --drills
 //! # scripts/test.sh, on the debug build:
 //! target/debug/examples/soak --duration 40s --clients 300 --burst 500 --topics 100 --nodes 2 --drills
@@ -75,7 +75,7 @@
 //! gap spread after the last one resubscribed is over) is due `--deadline` after that
 //! spread: until a node has resubscribed it cannot know of the change, and until its
 //! spread is over a parked poll may be out of its channel's list, waiting for its spread
-//! `new_change` (README, "When something dies").
+//! `new_change` (docs/scaling-out.md, "When something dies").
 //!
 //! An obligation not discharged within `--deadline` (2 s) is **lost**. The clock runs from
 //! `s` and stops while the client deliberately pauses between polls (a paused client is not

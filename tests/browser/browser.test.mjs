@@ -109,7 +109,11 @@ test("nudge.js in headless Chromium: changes once, revoke, drain and restart, no
       if (req.method === "GET" && req.url === "/") return send(200, "text/html", readFileSync(here("page.html")));
       if (req.method === "GET" && req.url === "/nudge.js") return send(200, "text/javascript", readFileSync(join(REPO, "clients/js/nudge.js")));
       if (req.method === "POST" && req.url === "/register") {
-        const r = await fetch(`${node.internal}/v1/channels`, { method: "POST", body: JSON.stringify({ topics: ["user:1"], subject: "user:1" }) });
+        const r = await fetch(`${node.internal}/v1/channels`, {
+          method: "POST",
+          body: JSON.stringify({ topics: ["user:1"], subject: "user:1" }),
+          headers: { "content-type": "application/json" },
+        });
         return send(r.status, "application/json", await r.text());
       }
       if (req.method === "POST" && req.url === "/report") {

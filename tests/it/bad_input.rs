@@ -1,5 +1,5 @@
 //! The bad-input catalogue: each kind of malformed, oversized, slow or odd input gets the
-//! answer SPEC §2/§4 (and the README's "choices where the spec is silent") give it, and a
+//! answer SPEC §2/§4 (and docs/protocol.md's "choices where the spec is silent") give it, and a
 //! well-behaved client polling beside it is served normally throughout: a poll parked
 //! before the bad input is woken by a publish after it, and the next poll is answered.
 //!
@@ -231,7 +231,7 @@ async fn oversized_request_line_headers_and_query() {
     assert_error(&exchange(s.public, &get(&long)).await, 400, "bad_request");
 
     // A request head over 64 KiB is refused by hyper before any handler (the fast path
-    // hands it over), with no body (README: choices) and the connection closed: 431, or 414
+    // hands it over), with no body (docs/protocol.md: choices) and the connection closed: 431, or 414
     // for a request target over 65,534 bytes when hyper's URI check comes first.
     let huge_line = format!("/subscribe?channel={}", "a".repeat(70 * 1024));
     let huge_header = format!(

@@ -2,11 +2,11 @@
 //! browser on the same host (issue 11.8), and clients that stall a request or exhaust the
 //! open-files limit (issue 11.3).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
+use nudge_testkit::Node;
+use nudge_testkit::node::{FREE_PORTS, Options};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -46,132 +46,106 @@ async fn a_web_page_cannot_publish_register_or_revoke() {
     let host = s.internal.to_string();
     let revoke = r#"{"subject":"user:42"}"#;
     let publish = r#"{"topic":"user:42"}"#;
-    for (request, status, expected) in [
+    let evil = "rebind.evil.example";
+    let json = "application/json";
+    // (path, Host, extra headers, Content-Type, body, the code it gets)
+    let refused: [(&str, &str, &str, &str, &str, &str); 11] = [
         (
-            post(
-                "/v1/revoke",
-                "rebind.evil.example",
-                "Origin: http://evil.example\r\n",
-                "text/plain",
-                revoke,
-            ),
-            403,
+            "/v1/revoke",
+            evil,
+            "Origin: http://evil.example\r\n",
+            "text/plain",
+            revoke,
             "cross_site",
         ),
         // Each signal alone is enough.
         (
-            post(
-                "/v1/revoke",
-                &host,
-                "Origin: http://evil.example\r\n",
-                "application/json",
-                revoke,
-            ),
-            403,
+            "/v1/revoke",
+            &host,
+            "Origin: http://evil.example\r\n",
+            json,
+            revoke,
             "cross_site",
         ),
         (
-            post(
-                "/v1/publish",
-                &host,
-                "Origin: null\r\n",
-                "application/json",
-                publish,
-            ),
-            403,
+            "/v1/publish",
+            &host,
+            "Origin: null\r\n",
+            json,
+            publish,
             "cross_site",
         ),
         (
-            post(
-                "/v1/revoke",
-                &host,
-                "Sec-Fetch-Site: cross-site\r\n",
-                "application/json",
-                revoke,
-            ),
-            403,
+            "/v1/revoke",
+            &host,
+            "Sec-Fetch-Site: cross-site\r\n",
+            json,
+            revoke,
             "cross_site",
         ),
         (
-            post(
-                "/v1/publish",
-                &host,
-                "Sec-Fetch-Site: same-site\r\n",
-                "application/json",
-                publish,
-            ),
-            403,
+            "/v1/publish",
+            &host,
+            "Sec-Fetch-Site: same-site\r\n",
+            json,
+            publish,
             "cross_site",
         ),
         (
-            post("/v1/revoke", &host, "", "text/plain", revoke),
-            403,
+            "/v1/revoke",
+            &host,
+            "",
+            "text/plain",
+            revoke,
             "unsupported_content_type",
         ),
         (
-            post(
-                "/v1/publish",
-                &host,
-                "",
-                "application/x-www-form-urlencoded",
-                publish,
-            ),
-            403,
+            "/v1/publish",
+            &host,
+            "",
+            "application/x-www-form-urlencoded",
+            publish,
             "unsupported_content_type",
         ),
         (
-            post(
-                "/v1/channels",
-                &host,
-                "",
-                "multipart/form-data; boundary=x",
-                "{}",
-            ),
-            403,
+            "/v1/channels",
+            &host,
+            "",
+            "multipart/form-data; boundary=x",
+            "{}",
             "unsupported_content_type",
         ),
         (
-            post(
-                "/v1/channels",
-                &host,
-                "",
-                "application/x-ndjson",
-                r#"{"topics":["t"]}"#,
-            ),
-            403,
+            "/v1/channels",
+            &host,
+            "",
+            "application/x-ndjson",
+            r#"{"topics":["t"]}"#,
             "unsupported_content_type",
         ),
+        ("/v1/revoke", evil, "", json, revoke, "host_not_allowed"),
         (
-            post(
-                "/v1/revoke",
-                "rebind.evil.example",
-                "",
-                "application/json",
-                revoke,
-            ),
-            403,
+            "/v1/publish",
+            "localhost.evil.example:8081",
+            "",
+            json,
+            publish,
             "host_not_allowed",
         ),
-        (
-            post(
-                "/v1/publish",
-                "localhost.evil.example:8081",
-                "",
-                "application/json",
-                publish,
-            ),
-            403,
-            "host_not_allowed",
-        ),
+    ];
+    let requests = refused
+        .iter()
+        .map(|&(path, host, headers, content_type, body, code)| {
+            (post(path, host, headers, content_type, body), code)
+        })
         // DNS rebinding reads too: no metrics for a foreign name.
-        (
-            "GET /metrics HTTP/1.1\r\nHost: rebind.evil.example\r\n\r\n".to_owned(),
-            403,
+        .chain([(
+            format!("GET /metrics HTTP/1.1\r\nHost: {evil}\r\n\r\n"),
             "host_not_allowed",
-        ),
-    ] {
+        )]);
+    for (request, expected) in requests {
         let res = answer(&s, &request).await;
-        assert_eq!(res.status, status, "{request}\n{}", res.text());
+        assert_eq!(res.status, 403, "{request}\n{}", res.text());
         assert_eq!(code(&res), expected, "{request}");
     }
     // None of it was applied: the channel lives and no change was published.
@@ -295,78 +269,44 @@ async fn an_oversized_content_length_gets_413_at_once() {
 /// accepts again as soon as descriptors are free.
 #[tokio::test]
 async fn an_exhausted_open_files_limit_degrades_gracefully() {
-    let mut child = Command::new("bash")
+    let mut command = Command::new("bash");
+    command
         .args([
             "-c",
             r#"ulimit -n 64 && exec "$0" "$@""#,
             env!("CARGO_BIN_EXE_nudge"),
-            "--listen",
-            "127.0.0.1:0",
-            "--internal-listen",
-            "127.0.0.1:0",
-            "--max-parked",
-            "1000",
-            "--header-read-timeout",
-            "60s",
         ])
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (addrs_tx, addrs_rx) = std::sync::mpsc::channel();
-    {
-        let log = log.clone();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                for key in ["listening public=", "listening internal="] {
-                    if let Some(rest) = line.split(key).nth(1) {
-                        let addr = rest.split_whitespace().next().unwrap().to_owned();
-                        let _ = addrs_tx.send((key, addr));
-                    }
-                }
-                log.lock().unwrap().push(line);
-            }
-        });
-    }
-    let (mut public, mut internal) = (String::new(), String::new());
-    for _ in 0..2 {
-        let (key, addr) = addrs_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        if key.contains("public") {
-            public = addr;
-        } else {
-            internal = addr;
-        }
-    }
-    let accept_warnings = |log: &Arc<Mutex<Vec<String>>>| {
-        log.lock()
-            .unwrap()
+        .args(["--max-parked", "1000", "--header-read-timeout", "60s"])
+        .args(FREE_PORTS)
+        .env("RUST_LOG", "info");
+    let node = Node::spawn(command, Options::default()).unwrap();
+    let accept_warnings = || {
+        node.logs()
             .iter()
             .filter(|l| l.contains("accept failed"))
             .count()
     };
 
     // Before the limit: an internal connection kept open, a channel, a parked poll.
-    let mut api = TcpStream::connect(&internal).await.unwrap();
-    let reg = raw::exchange(
-        &mut api,
-        &post(
-            "/v1/channels",
-            &internal,
+    let mut api = TcpStream::connect(node.internal).await.unwrap();
+    let mut call = async |path: &str, body: &str| {
+        let request = post(
+            path,
+            &node.internal.to_string(),
             "",
             "application/json",
-            r#"{"topics":["t"]}"#,
-        ),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+            body,
+        );
+        raw::exchange(&mut api, &request, Duration::from_secs(5))
+            .await
+            .unwrap()
+    };
+    let reg = call("/v1/channels", r#"{"topics":["t"]}"#).await;
     assert_eq!(reg.status, 201, "{}", reg.text());
     let reg: serde_json::Value = serde_json::from_slice(&reg.body).unwrap();
     let url = reg["entries"][0]["url"].as_str().unwrap();
     let path = &url[url.find("/subscribe").unwrap()..];
-    let mut parked = TcpStream::connect(&public).await.unwrap();
+    let mut parked = TcpStream::connect(node.public).await.unwrap();
     parked
         .write_all(raw::get(path, "").as_bytes())
         .await
@@ -376,32 +316,16 @@ async fn an_exhausted_open_files_limit_degrades_gracefully() {
     // can accept only some.
     let mut idle = Vec::new();
     for _ in 0..120 {
-        idle.push(TcpStream::connect(&public).await.unwrap());
+        idle.push(TcpStream::connect(node.public).await.unwrap());
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while accept_warnings(&log) == 0 {
-        assert!(Instant::now() < deadline, "accept never failed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    node.wait_log("accept failed", Duration::from_secs(10));
     // Held there for three seconds: once warned, nudge stays quiet (it used to log every
     // 50 ms).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(accept_warnings(&log), 1, "{:#?}", log.lock().unwrap());
+    assert_eq!(accept_warnings(), 1, "{:#?}", node.logs());
 
     // Meanwhile the parked poll and the publish work as ever.
-    let published = raw::exchange(
-        &mut api,
-        &post(
-            "/v1/publish",
-            &internal,
-            "",
-            "application/json",
-            r#"{"topic":"t"}"#,
-        ),
-        Duration::from_secs(5),
-    )
-    .await
-    .unwrap();
+    let published = call("/v1/publish", r#"{"topic":"t"}"#).await;
     assert_eq!(published.text(), r#"{"published":1,"woken":1}"#);
     let woken = raw::read_response(&mut parked, Duration::from_secs(5))
         .await
@@ -410,20 +334,19 @@ async fn an_exhausted_open_files_limit_degrades_gracefully() {
 
     // Descriptors free again: new polls are served within the longest backoff.
     drop(idle);
-    eventually("a new poll is accepted", Duration::from_secs(10), || {
-        let public = public.clone();
-        let path = path.to_owned();
-        async move {
-            let Ok(mut conn) = TcpStream::connect(&public).await else {
+    eventually(
+        "a new poll is accepted",
+        Duration::from_secs(10),
+        || async {
+            let Ok(mut conn) = TcpStream::connect(node.public).await else {
                 return false;
             };
+            let request = raw::get(&format!("{path}&dont_block=true"), "");
             matches!(
-                raw::exchange(&mut conn, &raw::get(&format!("{path}&dont_block=true"), ""), Duration::from_secs(2)).await,
+                raw::exchange(&mut conn, &request, Duration::from_secs(2)).await,
                 Ok(res) if res.status == 200
             )
-        }
-    })
+        },
+    )
     .await;
-    let _ = child.kill();
-    let _ = child.wait();
 }

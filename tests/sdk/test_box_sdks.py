@@ -17,7 +17,7 @@ Scenarios (the issue's numbering):
 and pins of what the SDKs need from nudge: test_registration_body_is_box_shaped,
 test_default_park_time_within_sdk_read_timeout; every single-node test also checks
 that the SDK's polls went through nudge's fast path.
-What each SDK does in each scenario is written down in the README, section "Box SDK compatibility".
+What each SDK does in each scenario is written down in docs/box-sdks.md.
 """
 
 import collections
@@ -299,7 +299,7 @@ def test_restart_with_downtime(make_stack, client):
     s.notes["outcome"] = outcome
     fatal = s.client.of_kind("fatal")
     expected = "stopped" if client in STOPS_ON_REFUSED else "recovered"
-    assert outcome == expected, f"{client} {outcome} (the README says {expected}): {fatal}"
+    assert outcome == expected, f"{client} {outcome} (docs/box-sdks.md says {expected}): {fatal}"
     if outcome == "stopped":
         assert fatal and "ConnectionError" in fatal[-1]["error"] and "refused" in fatal[-1]["error"], fatal
         # What the application must do: start the event stream again. It starts

@@ -1,4 +1,4 @@
-"""The realtime tier of README "Run a tier", run for real: Debian's nginx with the shipped
+"""The realtime tier of docs/scaling-out.md "Run a tier", run for real: Debian's nginx with the shipped
 deploy/compose/nginx.conf (its ports and node addresses rewritten to loopback ones, nothing
 else), three nudge nodes and a Redis, all on 127.0.0.0/8. The example main API registers and
 publishes through nginx's internal address; the shipped Box SDKs poll through nginx's public
@@ -33,7 +33,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 NODES = 3
 NODE_ARGS = ["--retry-timeout", "3s", "--ttl", "2m", "--drain-period", "1s"]
 # Every shipped SDK for steady changes; for a node that goes away, those that recover from
-# refused polls (README, Box SDK compatibility, 4c: boxsdk 3.9.2's stream ends then).
+# refused polls (docs/box-sdks.md, 4c: boxsdk 3.9.2's stream ends then).
 ALL_SDKS = ["boxsdk-3.9.2", "boxsdk-10.18.0", "box-node-sdk-3.8.2", "box-node-sdk-10.12.0"]
 RECOVERING_SDKS = ["boxsdk-10.18.0", "box-node-sdk-3.8.2", "box-node-sdk-10.12.0"]
 
