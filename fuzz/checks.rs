@@ -63,7 +63,7 @@ pub fn publish_body(data: &[u8]) {
         assert!(!p.topic.is_empty() && p.topic.len() <= 256);
         assert!(p.topic.bytes().all(|b| (0x21..=0x7e).contains(&b)));
     }
-    let json = serde_json::to_vec(&batch).expect("a batch serialises");
+    let json = nudge::wire::encode_publishes(&batch);
     let again: Vec<Publish> = parse_publish_body(None, &json).expect("a serialised batch parses");
     assert_eq!(again, batch);
     let hub = hub();

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::hub::{
-    MAX_STREAM_TYPE_LEN, MAX_TOPIC_LEN, Publish, Registration, RevokeFilter, is_visible_ascii,
+    ChannelInfo, MAX_STREAM_TYPE_LEN, MAX_TOPIC_LEN, Publish, Registration, RevokeFilter,
+    is_visible_ascii,
 };
 
 /// A duration in humantime (`45s`, `10m`, `1h 30m`) or plain integer seconds.
@@ -34,6 +35,17 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 /// from a sequence too (`["user:42",7]`); this accepts a map only.
 struct PublishObject(Publish);
 
+/// A publish as the API and the bus write it; the hub's [`Publish`] knows nothing of JSON.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct PublishFields {
+    topic: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    position: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stream_type: Option<String>,
+}
+
 impl<'de> Deserialize<'de> for PublishObject {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Object;
@@ -43,11 +55,47 @@ impl<'de> Deserialize<'de> for PublishObject {
                 f.write_str(r#"a publish object {"topic":…}"#)
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Publish, A::Error> {
-                Publish::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                let f =
+                    PublishFields::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Publish {
+                    topic: f.topic,
+                    position: f.position,
+                    stream_type: f.stream_type,
+                })
             }
         }
         d.deserialize_map(Object).map(PublishObject)
     }
+}
+
+/// A batch of publishes as a JSON array, which [`parse_publish_body`] reads back.
+pub fn encode_publishes(batch: &[Publish]) -> Vec<u8> {
+    let fields: Vec<PublishFields> = batch
+        .iter()
+        .map(|p| PublishFields {
+            topic: p.topic.clone(),
+            position: p.position,
+            stream_type: p.stream_type.clone(),
+        })
+        .collect();
+    serde_json::to_vec(&fields).expect("publishes serialise")
+}
+
+/// What `GET /v1/channels/{id}` answers.
+pub fn channel_info_json(info: &ChannelInfo) -> serde_json::Value {
+    serde_json::json!({
+        "channel": info.channel,
+        "topics": info.topics,
+        "subject": info.subject,
+        "stream_type": info.stream_type,
+        "ttl_seconds": info.ttl_seconds,
+        "retry_timeout_seconds": info.retry_timeout_seconds,
+        "max_retries": info.max_retries,
+        "retries_used": info.retries_used,
+        "parked_polls": info.parked_polls,
+        "pending": info.pending,
+        "expires_in_seconds": info.expires_in_seconds,
+    })
 }
 
 /// Parses a publish body: one JSON object, a JSON array of them, or NDJSON (with

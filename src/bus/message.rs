@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hub::{Publish, RevokeFilter};
-use crate::wire::{RevokeBody, parse_publish_body};
+use crate::wire::{RevokeBody, encode_publishes, parse_publish_body};
 
 /// A decoded bus message.
 #[derive(Debug, PartialEq, Eq)]
@@ -59,7 +59,7 @@ struct RevokeEnvelope {
 
 /// A publish as nodes put it on the bus: a JSON array.
 pub fn encode_publish(batch: &[Publish]) -> Vec<u8> {
-    serde_json::to_vec(batch).expect("publishes serialise")
+    encode_publishes(batch)
 }
 
 /// A revocation envelope naming the node that already applied it.

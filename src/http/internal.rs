@@ -19,7 +19,9 @@ use crate::config::Token;
 use crate::error::ApiError;
 use crate::hub::{Hub, Publish, Registration, RevokeFilter};
 use crate::id::log_tag;
-use crate::wire::{RevokeBody, parse_json, parse_publish_body, parse_register_body};
+use crate::wire::{
+    RevokeBody, channel_info_json, parse_json, parse_publish_body, parse_register_body,
+};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -174,7 +176,7 @@ async fn route(req: Request<Incoming>, state: &InternalState) -> Result<Response
                 Method::GET => state
                     .hub
                     .channel_info(id)
-                    .map(|info| json_value(StatusCode::OK, &info))
+                    .map(|info| json_value(StatusCode::OK, &channel_info_json(&info)))
                     .ok_or(ApiError::ChannelNotFound),
                 Method::DELETE => {
                     let deleted = state.hub.delete(id);

@@ -36,7 +36,6 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use prometheus::Histogram;
-use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, sleep_until};
 
@@ -252,23 +251,20 @@ pub enum RegisterError {
 }
 
 /// One publish (SPEC §4): wakes the channels on `topic` that want its `stream_type`.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Publish {
     /// The topic whose channels are woken.
     pub topic: String,
     /// The change's position in the topic's stream, which a poll's `stream_position` is
     /// compared with.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position: Option<u64>,
     /// Wakes only channels of this `stream_type` and those of `all`; `None` wakes every
     /// one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_type: Option<String>,
 }
 
 /// What `POST /v1/publish` answers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PublishReport {
     /// Publishes applied.
     pub published: usize,
@@ -286,7 +282,7 @@ pub struct RevokeFilter {
 }
 
 /// What `GET /v1/channels/{id}` shows.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct ChannelInfo {
     /// The channel's id.
     pub channel: String,
