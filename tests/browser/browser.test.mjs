@@ -96,6 +96,9 @@ test("nudge.js in headless Chromium: changes once, revoke, drain and restart, no
   }
   const dir = mkdtempSync(join(tmpdir(), "nudge-browser-"));
   const events = [];
+  // Registrations nudge has answered (the page reports "register" before it asks): a publish
+  // made before nudge knows the channel is not the channel's to see.
+  let registered = 0;
   let node = null;
   let browser = null;
 
@@ -114,7 +117,9 @@ test("nudge.js in headless Chromium: changes once, revoke, drain and restart, no
           body: JSON.stringify({ topics: ["user:1"], subject: "user:1" }),
           headers: { "content-type": "application/json" },
         });
-        return send(r.status, "application/json", await r.text());
+        const body = await r.text();
+        if (r.status === 201) registered += 1;
+        return send(r.status, "application/json", body);
       }
       if (req.method === "POST" && req.url === "/report") {
         let body = "";
@@ -161,7 +166,7 @@ test("nudge.js in headless Chromium: changes once, revoke, drain and restart, no
     // Revocation: the parked poll is answered max_retries, the page registers once more.
     const { body: revoked } = await post(`${node.internal}/v1/revoke`, { subject: "user:1" });
     assert.ok(revoked.revoked >= 1, JSON.stringify(revoked));
-    await eventually(() => count("register") === 2, "one new registration after revoke");
+    await eventually(() => registered === 2, "one new registration after revoke");
     await publishAndSee("after revoke");
     assert.equal(count("register"), 2, "revocation led to more than one registration");
 
@@ -173,7 +178,7 @@ test("nudge.js in headless Chromium: changes once, revoke, drain and restart, no
     // Down for a moment: the page's polls are refused and it backs off.
     await eventually(() => count("error") >= 1, "the page to see the node gone");
     node = await new Node(dir, 2, publicPort, internalPort, origin).ready();
-    await eventually(() => count("register") === 3, "a new registration on the restarted node", 45000);
+    await eventually(() => registered === 3, "a new registration on the restarted node", 45000);
     await publishAndSee("after restart");
     for (let i = 0; i < 3; i++) await publishAndSee("steady after restart");
     assert.ok(count("poll") > pollsBefore);
