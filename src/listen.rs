@@ -34,7 +34,7 @@ pub enum StartError {
 
 /// Accepts connections until `stop` is signalled; a failed accept (EMFILE) makes it
 /// back off and warn, not end.
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     mut stop: Watcher,
     on_connection: impl Fn(TcpStream),

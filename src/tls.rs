@@ -11,7 +11,7 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use crate::config::TlsFiles;
 
 /// Builds the public listener's TLS acceptor from `--tls-cert` and `--tls-key`.
-pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
+pub(crate) fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| format!("--tls-cert {}: {e}", files.cert.display()))?;

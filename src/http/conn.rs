@@ -18,7 +18,7 @@ use crate::drain::Watcher;
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 /// hyper's HTTP/1 settings for both listeners: the head timeout and the head size limit.
-pub fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
+pub(crate) fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
     let mut builder = http1::Builder::new();
     // Without a timer, hyper silently ignores header_read_timeout.
     builder
@@ -33,7 +33,7 @@ pub fn http1_builder(header_read_timeout: Duration) -> http1::Builder {
 }
 
 /// Serves one hyper connection until it ends, or shuts it down gracefully on the drain.
-pub async fn serve<I, S>(builder: &http1::Builder, io: I, service: S, mut drain: Watcher)
+pub(crate) async fn serve<I, S>(builder: &http1::Builder, io: I, service: S, mut drain: Watcher)
 where
     I: Read + Write + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<crate::http::Body>>,

@@ -103,7 +103,7 @@ fn log_bus_error(e: &BusError, what: &str) {
 }
 
 /// Answers one request on the internal listener; every error becomes its JSON answer.
-pub async fn handle(req: Request<Incoming>, state: &InternalState) -> Response<Body> {
+pub(crate) async fn handle(req: Request<Incoming>, state: &InternalState) -> Response<Body> {
     match route(req, state).await {
         Ok(res) => res,
         Err(e) => error(&e),

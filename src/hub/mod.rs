@@ -510,6 +510,6 @@ pub fn park_time(retry_timeout: Duration) -> Duration {
 }
 
 /// Whether `s` is 1 to `max_len` bytes of visible ASCII (0x21-0x7E): no spaces, no controls.
-pub fn is_visible_ascii(s: &str, max_len: usize) -> bool {
+pub(crate) fn is_visible_ascii(s: &str, max_len: usize) -> bool {
     !s.is_empty() && s.len() <= max_len && s.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
