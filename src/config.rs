@@ -85,6 +85,10 @@ pub struct Args {
     /// so that it never takes CPU its main API needs.
     #[arg(long, env = "NUDGE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// File to write the process id to at start (removed at exit), so that supervisors and
+    /// scripts can follow the node.
+    #[arg(long, env = "NUDGE_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
     /// PEM certificate chain: the public listener then speaks HTTPS.
     #[arg(long, env = "NUDGE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -140,6 +144,8 @@ pub struct Config {
     pub fast_path: bool,
     /// `None`: one per core (tokio's default).
     pub worker_threads: Option<usize>,
+    /// `--pid-file`.
+    pub pid_file: Option<PathBuf>,
 }
 
 /// The internal bearer token. Its `Debug` hides it, so that logging a `Config` (or anything
@@ -309,6 +315,7 @@ impl Config {
             tls,
             fast_path: a.fast_path,
             worker_threads: a.worker_threads,
+            pid_file: a.pid_file,
         })
     }
 }

@@ -12,7 +12,7 @@
 //!   watch both use ([`http::watched`]), and the main API's routes ([`http::internal`]);
 //!   [`tls`]: the public listener's certificates.
 //! - [`config`]: flags with `NUDGE_*` twins, validated before anything is bound;
-//!   [`logging`], [`signal`]: the process around it.
+//!   [`logging`], [`signal`], [`pid_file`]: the process around it.
 //! - [`bus`]: the Redis pub/sub bus that carries publishes and revocations between nodes.
 //! - [`wire`]: the bodies a main API sends (publish, registration, revocation, durations),
 //!   one parser for the HTTP routes, the bus and the fuzz targets.
@@ -37,6 +37,7 @@ pub mod id;
 pub mod listen;
 pub mod logging;
 pub mod metrics;
+pub mod pid_file;
 pub mod server;
 pub mod signal;
 pub mod tls;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nudge::config::{Args, Config, EXIT_CONFIG};
+use nudge::pid_file::PidFile;
 use nudge::server::{Server, StartError};
 
 /// jemalloc returns freed pages to the OS (background threads purge them after a few
@@ -46,6 +47,14 @@ fn main() -> ExitCode {
         // Signal handlers before the listeners: a SIGTERM sent as soon as the `listening`
         // lines appear must drain and exit 0, not kill the process.
         let shutdown = nudge::signal::shutdown();
+        // Written before the `listening` lines, so a script that waits for them finds it.
+        let _pid_file = match config.pid_file.as_deref().map(PidFile::write).transpose() {
+            Ok(file) => file,
+            Err(e) => {
+                eprintln!("nudge: --pid-file: {e}");
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+        };
         let server = match Server::bind(config).await {
             Ok(server) => server,
             Err(StartError::Config(message)) => {

@@ -118,6 +118,7 @@ fn help_lists_every_flag() {
         "--max-polls-per-channel",
         "--max-channels",
         "--max-topic-bytes",
+        "--pid-file",
         "--drain-period",
         "--header-read-timeout",
         "--redis-url",

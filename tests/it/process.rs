@@ -281,6 +281,34 @@ async fn with_nothing_parked_the_drain_exits_at_once() {
     assert!(sent.elapsed() < secs(2.0), "{:?}", sent.elapsed());
 }
 
+/// `--pid-file` (and its environment twin) holds the process id while the node runs, from
+/// before its `listening` lines, and is gone after the drain; a directory that cannot hold
+/// it stops the start with exit 64.
+#[tokio::test]
+async fn the_pid_file_follows_the_process() {
+    let dir = TempDir::new("pid");
+    let path = dir.path().join("nudge.pid");
+    let path_text = path.to_str().unwrap();
+    for (args, env) in [
+        (vec!["--pid-file", path_text], vec![]),
+        (vec![], vec![("NUDGE_PID_FILE", path_text)]),
+    ] {
+        let mut node = Nudge::start(&args, &env);
+        let written = std::fs::read_to_string(&path).expect("written before `listening`");
+        assert_eq!(written, format!("{}\n", node.node.pid()));
+        node.signal("TERM");
+        assert_eq!(node.wait_exit(secs(10.0)), 0);
+        assert!(!path.exists(), "removed at exit");
+    }
+    let out = Command::new(BIN)
+        .args(["--pid-file", "/nonexistent-dir/nudge.pid"])
+        .args(FREE_PORTS)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pid-file"));
+}
+
 /// `--worker-threads N` runs N threads serving connections (what `top -H` shows an
 /// operator as `nudge-worker`), and the node serves as usual on them.
 #[tokio::test]
