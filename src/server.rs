@@ -160,7 +160,7 @@ impl Server {
         let (config, hub) = (self.config, self.hub);
         let (tls, public_state, internal_state) =
             (self.tls, self.public_state, self.internal_state);
-        let sweeper = tokio::spawn(hub.clone().sweeper(SWEEP_EVERY));
+        let sweeper = hub.spawn_sweeper(SWEEP_EVERY);
         // With a bus, `/readyz` stays 503 until its first subscription is up.
         let bus_task = self.bus.map(|bus| tokio::spawn(bus.run()));
 
@@ -279,7 +279,7 @@ impl Server {
         internal_drain.signal();
         let _ = internal_task.await;
         let _ = tokio::time::timeout(CLOSE_GRACE, internal_drain.all_gone()).await;
-        sweeper.abort();
+        drop(sweeper);
         if let Some(task) = bus_task {
             task.abort();
         }

@@ -45,6 +45,7 @@ use not_live::NotLive;
 use topics::Topics;
 
 pub use poll::{HeldPoll, ParkedPoll};
+pub use registry::Sweeper;
 
 pub use crate::answer::Answer;
 use crate::id::{ChannelId, IdHasher};

@@ -2,6 +2,7 @@
 //! revoke, retire), and the sweep that expires them and gives memory back.
 
 use std::sync::Arc;
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -252,13 +253,40 @@ impl Hub {
         n
     }
 
-    /// Runs [`Hub::sweep`] every `every` until the future is dropped.
-    pub async fn sweeper(self: Arc<Self>, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            self.sweep(Instant::now());
+    /// Runs [`Hub::sweep`] every `every` on a thread of its own (`nudge-sweep`) until the
+    /// returned [`Sweeper`] is dropped. Not on a tokio worker: a sweep in which a million
+    /// channels expire takes about a second (`benches/million.rs`), and the workers must go
+    /// on serving connections meanwhile.
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> Sweeper {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let hub = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("nudge-sweep".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(every) {
+                    hub.sweep(Instant::now());
+                }
+            })
+            .expect("the sweep thread starts");
+        Sweeper {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+/// The sweep thread of [`Hub::spawn_sweeper`]: dropping it stops the thread and waits for
+/// the sweep in progress, if any.
+pub struct Sweeper {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 }
