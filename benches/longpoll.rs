@@ -12,6 +12,7 @@
 //! - `floor`: the floor, a bare tokio long-poll server every figure is also held against.
 //! - `runs`: one measured run on a fresh server.
 //! - `report`: medians, the Markdown table, the targets, the JSON.
+//! - `svg`: the pictures of wake times and memory per poll, written next to the JSON.
 //!
 //! Each measurement is repeated, alternating the servers (the order rotates each repeat), and
 //! the report gives medians. Every wait is on something observable, with a deadline.
@@ -34,6 +35,8 @@ mod runs;
 mod server;
 #[path = "longpoll/stats.rs"]
 mod stats;
+#[path = "longpoll/svg.rs"]
+mod svg;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -82,6 +85,8 @@ struct Settings {
     client_threads: usize,
     nchan_install: bool,
     json_path: Option<PathBuf>,
+    /// Where the pictures go: `NUDGE_BENCH_SVG_DIR`, else the JSON's directory.
+    svg_dir: Option<PathBuf>,
     run: RunSettings,
 }
 
@@ -168,6 +173,18 @@ impl Settings {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_nudge")));
         let json_path = env("NUDGE_BENCH_JSON").map(PathBuf::from);
+        let json_path = match mode {
+            Mode::Test => json_path,
+            Mode::Full | Mode::Quick => json_path.or_else(|| Some(default_json_path())),
+        };
+        let svg_dir = env("NUDGE_BENCH_SVG_DIR").map(PathBuf::from).or_else(|| {
+            let dir = json_path.as_ref()?.parent()?;
+            Some(if dir.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                dir.to_path_buf()
+            })
+        });
         Settings {
             mode,
             ns,
@@ -177,10 +194,8 @@ impl Settings {
             rates: env_number("NUDGE_BENCH_RATES", 1u8) != 0,
             client_threads: env_number("NUDGE_BENCH_CLIENT_THREADS", 1usize).max(1),
             nchan_install: env_number("NUDGE_BENCH_NCHAN_INSTALL", 1u8) != 0,
-            json_path: match mode {
-                Mode::Test => json_path,
-                Mode::Full | Mode::Quick => json_path.or_else(|| Some(default_json_path())),
-            },
+            json_path,
+            svg_dir,
             run: RunSettings {
                 binaries: Binaries { nudge, nchan: None },
                 pace: Pace {
@@ -255,6 +270,12 @@ fn main() {
 }
 
 async fn run(settings: &mut Settings) -> i32 {
+    // The pictures are checked on made-up runs before anything is measured, so that a broken
+    // picture fails fast (and fails `cargo test --all-targets`).
+    if let Err(error) = svg::self_check() {
+        eprintln!("bench: {error}");
+        return 1;
+    }
     let started = Instant::now();
     let load_before = procfs::load_average();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -457,9 +478,30 @@ async fn run(settings: &mut Settings) -> i32 {
             Err(error) => eprintln!("bench: cannot write {}: {error}", path.display()),
         }
     }
+    let mut pictures_ok = true;
+    if let Some(dir) = &settings.svg_dir {
+        for (name, svg) in [
+            ("longpoll-wake.svg", svg::wake(&results)),
+            ("longpoll-memory.svg", svg::memory(&results)),
+        ] {
+            let path = dir.join(name);
+            if let Err(error) = svg::check(&svg, &names) {
+                eprintln!("bench: {} is not well-formed: {error}", path.display());
+                pictures_ok = false;
+            }
+            let written = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, svg));
+            match written {
+                Ok(()) => println!("SVG: {}", path.display()),
+                Err(error) => eprintln!("bench: cannot write {}: {error}", path.display()),
+            }
+        }
+    }
     // A nudge run that failed fails the bench (the CI smoke test relies on it); Nchan's
-    // problems are reported but do not.
-    if errors.iter().any(|e| e.starts_with("nudge")) || (park.is_empty() && rate.is_empty()) {
+    // problems are reported but do not. A malformed picture fails it too.
+    if !pictures_ok
+        || errors.iter().any(|e| e.starts_with("nudge"))
+        || (park.is_empty() && rate.is_empty())
+    {
         1
     } else {
         0

@@ -66,6 +66,9 @@ pub struct Wake {
     /// nudge's own `nudge_fanout_seconds` for this wake-up (mean over its publishes: one
     /// publish in the one-topic scenarios), from a publish's arrival to its last answered poll.
     pub server_fanout_ms: Option<f64>,
+    /// The 0th to 100th percentile of the answer times (101 values; the 0th is the first
+    /// answer): the distribution the wake picture draws, where all N times would swell the JSON.
+    pub percentiles_ms: Vec<f64>,
 }
 
 impl ParkRun {
@@ -274,6 +277,12 @@ async fn park_run_on(
         server_cpu_ms,
         client_cpu_ms,
         server_fanout_ms,
+        percentiles_ms: (0..=100)
+            .map(|p| match p {
+                0 => ms(times.first().copied().unwrap_or_default()),
+                p => ms(stats::quantile(&times, p as f64 / 100.0)),
+            })
+            .collect(),
     };
     Ok(ParkRun {
         server: server.kind.name(),
