@@ -2,8 +2,8 @@
 //! revoke, retire), and the sweep that expires them and gives memory back.
 
 use std::sync::Arc;
-use std::sync::mpsc::RecvTimeoutError;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use tokio::time::Instant;
