@@ -70,17 +70,24 @@ impl Floor {
             .clone()
     }
 
-    /// One public connection: polls, one after the other.
+    /// One public connection: polls, one after the other. Kept as small as a parked poll can
+    /// be: the head read (with its 4 KiB chunk) is boxed so that it is gone while parked, the
+    /// head is dropped and the buffer emptied before parking.
     async fn poll(self: Arc<Self>, mut stream: TcpStream) -> io::Result<()> {
         let mut buf = Vec::new();
         loop {
-            let Some(head) = read_head(&mut stream, &mut buf).await? else {
+            let Some(head) = Box::pin(read_head(&mut stream, &mut buf)).await? else {
                 return Ok(());
             };
             let notify =
                 param(&head, "channel=").and_then(|c| self.channels.lock().get(c).cloned());
+            let dont_block = head.contains("dont_block=true");
+            drop(head);
+            if buf.is_empty() {
+                buf = Vec::new();
+            }
             let answer = match notify {
-                Some(_) if head.contains("dont_block=true") => NO_CHANGE,
+                Some(_) if dont_block => NO_CHANGE,
                 Some(notify) => {
                     let notified = notify.notified();
                     tokio::pin!(notified);
