@@ -102,12 +102,11 @@ impl AcceptFailures {
         if self.pause.is_zero() {
             return;
         }
-        if self.since_warning > 0 || self.last_warning.is_some() {
-            info!(
-                failures_since_warning = self.since_warning,
-                "accepting again"
-            );
-        }
+        // A pause means an accept failed, and the first failure always warns: say it ended.
+        info!(
+            failures_since_warning = self.since_warning,
+            "accepting again"
+        );
         *self = AcceptFailures {
             last_warning: self.last_warning,
             ..AcceptFailures::default()

@@ -98,13 +98,20 @@ pub fn channel_info_json(info: &ChannelInfo) -> serde_json::Value {
     })
 }
 
+/// The media type that says a publish body is NDJSON.
+pub const NDJSON: &str = "application/x-ndjson";
+
+/// The media type of a `Content-Type` value, without its parameters (`; charset=utf-8`);
+/// compare it ignoring case.
+pub fn media_type(content_type: &str) -> &str {
+    content_type.split(';').next().unwrap_or_default().trim()
+}
+
 /// Parses a publish body: one JSON object, a JSON array of them, or NDJSON (with
 /// `Content-Type: application/x-ndjson`). All or nothing: one bad entry refuses the batch.
 /// The bus carries the same payloads.
 pub fn parse_publish_body(content_type: Option<&str>, body: &[u8]) -> Result<Vec<Publish>, String> {
-    let ndjson = content_type
-        .and_then(|c| c.split(';').next())
-        .is_some_and(|c| c.trim().eq_ignore_ascii_case("application/x-ndjson"));
+    let ndjson = content_type.is_some_and(|c| media_type(c).eq_ignore_ascii_case(NDJSON));
     let batch: Vec<Publish> = if ndjson {
         let mut batch = Vec::new();
         for (n, line) in body.split(|&b| b == b'\n').enumerate() {

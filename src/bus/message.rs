@@ -18,7 +18,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::hub::{Publish, RevokeFilter};
-use crate::wire::{RevokeBody, encode_publishes, parse_publish_body};
+use crate::wire::{NDJSON, RevokeBody, encode_publishes, parse_publish_body};
 
 /// A decoded bus message.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,7 +95,7 @@ pub fn decode(payload: &[u8]) -> Result<Message, String> {
         .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
         .count();
     if lines > 1 && first == Some(&b'{') {
-        return parse_publish_body(Some("application/x-ndjson"), payload).map(Message::Publish);
+        return parse_publish_body(Some(NDJSON), payload).map(Message::Publish);
     }
     Err(as_json)
 }

@@ -20,7 +20,8 @@ use crate::error::ApiError;
 use crate::hub::{Hub, Publish, Registration, RevokeFilter};
 use crate::id::log_tag;
 use crate::wire::{
-    RevokeBody, channel_info_json, parse_json, parse_publish_body, parse_register_body,
+    NDJSON, RevokeBody, channel_info_json, media_type, parse_json, parse_publish_body,
+    parse_register_body,
 };
 
 /// Largest request body accepted.
@@ -255,17 +256,14 @@ async fn read_body(
     accepts: Json,
     state: &InternalState,
 ) -> Result<Bytes, ApiError> {
-    let media_type = req
+    let sent = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(str::trim);
-    let accepted = match media_type {
+        .map(media_type);
+    let accepted = match sent {
         Some(t) if t.eq_ignore_ascii_case("application/json") => true,
-        Some(t) if t.eq_ignore_ascii_case("application/x-ndjson") => {
-            matches!(accepts, Json::OrNdjson)
-        }
+        Some(t) if t.eq_ignore_ascii_case(NDJSON) => matches!(accepts, Json::OrNdjson),
         _ => false,
     };
     if !accepted {
@@ -328,34 +326,26 @@ fn is_loopback_host(host: &[u8]) -> bool {
     let Ok(host) = std::str::from_utf8(host) else {
         return false;
     };
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        match rest.split_once(']') {
-            Some((ip, port)) if port.is_empty() || port_only(port) => {
-                return ip
-                    .parse::<std::net::Ipv6Addr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            }
-            _ => return false,
-        }
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) if port_only(&format!(":{port}")) => name,
-            Some(_) => return false,
-            None => host,
-        }
+    // `name` or `name:port`; an IPv6 address is bracketed, so its colons are not a port's.
+    let (name, port) = match host.rfind(':') {
+        Some(i) if !host[i..].contains(']') => (&host[..i], Some(&host[i + 1..])),
+        _ => (host, None),
     };
+    if port.is_some_and(|p| !((1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())))
+    {
+        return false;
+    }
+    if let Some(ip) = name.strip_prefix('[').and_then(|n| n.strip_suffix(']')) {
+        return ip
+            .parse::<std::net::Ipv6Addr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    }
     let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     name == "localhost"
         || name.ends_with(".localhost")
         || name
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// `:` and 1 to 5 digits.
-fn port_only(s: &str) -> bool {
-    s.strip_prefix(':')
-        .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn register(state: &InternalState, registration: Registration) -> Result<Response<Body>, ApiError> {
