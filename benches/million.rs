@@ -236,15 +236,8 @@ fn total(shared: &Shared) -> usize {
 
 /// Resident memory now: (VmRSS, PSS) in bytes.
 fn memory() -> (u64, u64) {
-    let kb = |text: &str, field: &str| -> u64 {
-        text.lines()
-            .find(|l| l.starts_with(field))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-            .map_or(0, |k: u64| k * 1024)
-    };
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    (kb(&status, "VmRSS:"), kb(&rollup, "Pss:"))
+    let m = nudge_testkit::memory::memory(std::process::id()).unwrap_or_default();
+    (m.rss_kb * 1024, m.pss_kb * 1024)
 }
 
 fn report(key: &str, value: String) {

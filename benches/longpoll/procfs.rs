@@ -7,57 +7,14 @@
 use std::fs;
 use std::io;
 
+pub use nudge_testkit::memory::{Memory, kb_field, memory_of};
+
 /// `/proc/PID/stat` counts CPU time in clock ticks of `USER_HZ`, which is 100 on every Linux ABI
 /// the benchmark runs on (it is fixed for userspace, whatever `CONFIG_HZ` the kernel was built with).
 pub const TICKS_PER_SECOND: f64 = 100.0;
 
 /// `/proc/net/sockstat` counts `mem` in pages; 4 KiB on x86_64 and on the aarch64 builds Debian ships.
 pub const PAGE_BYTES: u64 = 4096;
-
-/// Resident memory of one process, from `/proc/PID/status` and `/proc/PID/smaps_rollup`.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Memory {
-    /// `VmRSS`: every resident page the process maps, shared ones counted in full.
-    pub rss_kb: u64,
-    /// `Pss`: shared pages divided among the processes that map them, so that the sum over
-    /// nginx's master and workers counts its shared-memory zone once.
-    pub pss_kb: u64,
-}
-
-impl std::ops::Add for Memory {
-    type Output = Memory;
-    fn add(self, other: Memory) -> Memory {
-        Memory {
-            rss_kb: self.rss_kb + other.rss_kb,
-            pss_kb: self.pss_kb + other.pss_kb,
-        }
-    }
-}
-
-/// Finds `name:   1234 kB` in a `/proc` key-value file.
-fn kb_field(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
-/// Resident memory of `pid`.
-pub fn memory(pid: u32) -> io::Result<Memory> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rollup = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
-    let missing = |what| io::Error::new(io::ErrorKind::InvalidData, format!("no {what} for {pid}"));
-    Ok(Memory {
-        rss_kb: kb_field(&status, "VmRSS").ok_or_else(|| missing("VmRSS"))?,
-        pss_kb: kb_field(&rollup, "Pss").ok_or_else(|| missing("Pss"))?,
-    })
-}
-
-/// Sum of the resident memory of several processes.
-pub fn memory_of(pids: &[u32]) -> io::Result<Memory> {
-    pids.iter()
-        .try_fold(Memory::default(), |sum, &pid| Ok(sum + memory(pid)?))
-}
 
 /// The fields of `/proc/PID/stat` after the command name (which may hold spaces and parentheses,
 /// so the split is at the last `)`): index 0 is field 3 (`state`) of proc(5).

@@ -6,11 +6,13 @@
 //! - [`raw`]: HTTP/1.1 by hand, for what a polished client hides (exact answer times,
 //!   keep-alive connections, bytes queued behind a poll, a poll cancelled mid-park).
 //! - [`redis`]: a `redis-server` of the caller's own on a free loopback port.
+//! - [`memory`]: a process's resident memory (RSS and PSS) from `/proc`.
 //!
 //! Every wait has a deadline; every process is named by the pid the kit itself started.
 
 #![forbid(unsafe_code)]
 
+pub mod memory;
 pub mod node;
 pub mod raw;
 pub mod redis;

@@ -203,10 +203,9 @@ impl Node {
 
     /// Resident memory of the process, from `/proc`.
     pub fn rss_bytes(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-        Some(kib * 1024)
+        crate::memory::memory(self.pid())
+            .ok()
+            .map(|m| m.rss_kb * 1024)
     }
 }
 

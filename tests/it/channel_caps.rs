@@ -1,10 +1,9 @@
 //! Node-wide caps on what registrations may hold, and memory given back after a burst
 //! (issue 11.4): a buggy main API cannot grow a node without bound.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use nudge_testkit::Node;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -191,59 +190,16 @@ async fn remembered_positions_are_bounded_by_bytes() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_nudge");
 
-/// The `nudge` binary on free loopback ports; killed when dropped.
-struct Node {
-    child: Child,
-    internal: String,
+/// A sample of the node's `/metrics`.
+async fn metric(node: &Node, http: &reqwest::Client, sample: &str) -> f64 {
+    let url = format!("http://{}/metrics", node.internal);
+    let text = http.get(url).send().await.unwrap().text().await.unwrap();
+    metric_sample(&text, sample)
 }
 
-impl Node {
-    fn start(args: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut child = Command::new(BIN)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--internal-listen",
-                "127.0.0.1:0",
-            ])
-            .args(args)
-            .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let internal = loop {
-            let line = lines.next().expect("nudge logs its addresses").unwrap();
-            if let Some(rest) = line.split("listening internal=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        // Keep draining stderr so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Node { child, internal }
-    }
-
-    /// Resident memory, from `/proc/<pid>/status`.
-    fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib * 1024
-    }
-
-    async fn metric(&self, http: &reqwest::Client, sample: &str) -> f64 {
-        let url = format!("http://{}/metrics", self.internal);
-        let text = http.get(url).send().await.unwrap().text().await.unwrap();
-        metric_sample(&text, sample)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The node's resident memory.
+fn rss(node: &Node) -> u64 {
+    node.rss_bytes().expect("the node's /proc entry")
 }
 
 /// A burst of registrations with a short ttl grows the node by tens of MB; once they have
@@ -258,6 +214,7 @@ async fn resident_memory_returns_near_baseline_after_a_registration_burst_expire
     const MIB: f64 = (1 << 20) as f64;
     // The caps through a flag and an environment twin, far above what the burst needs.
     let node = Node::start(
+        BIN,
         &["--max-topic-bytes", "1GiB"],
         &[("NUDGE_MAX_CHANNELS", "1000000")],
     );
@@ -266,8 +223,8 @@ async fn resident_memory_returns_near_baseline_after_a_registration_burst_expire
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    assert_eq!(node.metric(&http, "nudge_channels").await, 0.0);
-    let baseline = node.rss_bytes();
+    assert_eq!(metric(&node, &http, "nudge_channels").await, 0.0);
+    let baseline = rss(&node);
 
     let started = Instant::now();
     let url = format!("http://{}/v1/channels", node.internal);
@@ -297,7 +254,7 @@ async fn resident_memory_returns_near_baseline_after_a_registration_burst_expire
     for w in workers {
         w.await.unwrap();
     }
-    let peak = node.rss_bytes();
+    let peak = rss(&node);
     eprintln!(
         "burst of {CHANNELS} registrations in {:?}: rss {:.1} MiB -> {:.1} MiB",
         started.elapsed(),
@@ -310,15 +267,15 @@ async fn resident_memory_returns_near_baseline_after_a_registration_burst_expire
     );
 
     eventually("every channel expired", Duration::from_secs(30), || async {
-        node.metric(&http, "nudge_channels").await == 0.0
-            && node.metric(&http, "nudge_topics").await == 0.0
-            && node.metric(&http, "nudge_topic_bytes").await == 0.0
+        metric(&node, &http, "nudge_channels").await == 0.0
+            && metric(&node, &http, "nudge_topics").await == 0.0
+            && metric(&node, &http, "nudge_topic_bytes").await == 0.0
     })
     .await;
     let near = baseline + (10 << 20);
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        let rss = node.rss_bytes();
+        let rss = rss(&node);
         if rss <= near {
             eprintln!(
                 "rss back to {:.1} MiB after {:?}",
