@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
+use crate::bus::{BusConfig, RedisConfig};
 use crate::hub::{Caps, Limits};
 use crate::wire::parse_duration;
 
@@ -65,9 +66,30 @@ pub struct Args {
     /// Redis URL of the publish bus shared by several nodes (e.g. redis://127.0.0.1:6379).
     #[arg(long, env = "NUDGE_REDIS_URL")]
     pub redis_url: Option<String>,
-    /// Redis pub/sub channel of the publish bus.
-    #[arg(long, env = "NUDGE_REDIS_CHANNEL", default_value = "nudge:publish")]
-    pub redis_channel: String,
+    /// Sentinels that know the bus's Redis primary (host:port, comma-separated); with
+    /// --redis-master-name. --redis-url, if given too, lends its password and database.
+    #[arg(long, env = "NUDGE_REDIS_SENTINEL", value_delimiter = ',')]
+    pub redis_sentinel: Vec<String>,
+    /// The name the sentinels monitor the bus's primary under.
+    #[arg(long, env = "NUDGE_REDIS_MASTER_NAME")]
+    pub redis_master_name: Option<String>,
+    /// Redis stream (key) of the publish bus.
+    #[arg(long, env = "NUDGE_REDIS_STREAM", default_value = "nudge:publish")]
+    pub redis_stream: String,
+    /// Replaced by --redis-stream (the bus is a stream now, not pub/sub): refused.
+    #[arg(long, env = "NUDGE_REDIS_CHANNEL", hide = true)]
+    pub redis_channel: Option<String>,
+    /// Bus entries older than this are trimmed from the stream: a node that was cut off for
+    /// longer cannot replay what it missed, and marks every channel pending.
+    #[arg(long, env = "NUDGE_BUS_RETENTION", default_value = "10m", value_parser = parse_duration)]
+    pub bus_retention: Duration,
+    /// At most about this many entries are kept in the stream, however young.
+    #[arg(long, env = "NUDGE_BUS_MAX_ENTRIES", default_value_t = 1_000_000)]
+    pub bus_max_entries: u64,
+    /// After a bus gap that cannot be replayed, parked polls are woken at this many a
+    /// second, so that their clients do not call the main API all at once.
+    #[arg(long, env = "NUDGE_GAP_WAKE_RATE", default_value_t = 1000)]
+    pub gap_wake_rate: u32,
     /// File holding the bearer token of the internal listener.
     #[arg(long, env = "NUDGE_INTERNAL_TOKEN_FILE")]
     pub internal_token_file: Option<PathBuf>,
@@ -128,10 +150,8 @@ pub struct Config {
     pub drain_period: Duration,
     /// `--header-read-timeout`; also bounds how long a body may take.
     pub header_read_timeout: Duration,
-    /// `--redis-url`; `None`: a single node, no bus.
-    pub redis_url: Option<String>,
-    /// `--redis-channel`.
-    pub redis_channel: String,
+    /// `--redis-*` and `--bus-*`; `None`: a single node, no bus.
+    pub bus: Option<BusConfig>,
     /// The internal bearer token, read from `--internal-token-file`.
     pub internal_token: Option<Token>,
     /// `--cors-origin`, split at commas.
@@ -183,14 +203,20 @@ pub struct TlsFiles {
 impl Config {
     /// A configuration for tests and embedding: both listeners on free loopback ports.
     pub fn for_tests() -> Config {
-        let args = Args::parse_from([
-            "nudge",
-            "--listen",
-            "127.0.0.1:0",
-            "--internal-listen",
-            "127.0.0.1:0",
-        ]);
-        Config::from_args(args).expect("test defaults are valid")
+        Config::for_tests_with(&[])
+    }
+
+    /// [`Config::for_tests`] with more flags, as on the command line (every other flag at
+    /// its default).
+    pub fn for_tests_with(flags: &[&str]) -> Config {
+        let mut args = vec!["nudge"];
+        for listener in ["--listen", "--internal-listen"] {
+            if !flags.contains(&listener) {
+                args.extend([listener, "127.0.0.1:0"]);
+            }
+        }
+        args.extend_from_slice(flags);
+        Config::from_args(Args::parse_from(args)).expect("test flags are valid")
     }
 
     /// Validates the flags; the error names the flag and the process exits [`EXIT_CONFIG`].
@@ -254,9 +280,7 @@ impl Config {
         if let Some(url) = &a.redis_url {
             crate::bus::check_url(url)?;
         }
-        if a.redis_channel.is_empty() {
-            return Err("--redis-channel must not be empty".into());
-        }
+        let bus = bus_config(&a)?;
         let internal_token = match &a.internal_token_file {
             None => None,
             Some(path) => {
@@ -303,8 +327,7 @@ impl Config {
             max_polls_per_channel: a.max_polls_per_channel,
             drain_period: a.drain_period,
             header_read_timeout: a.header_read_timeout,
-            redis_url: a.redis_url,
-            redis_channel: a.redis_channel,
+            bus,
             internal_token,
             cors_origins: a
                 .cors_origin
@@ -318,6 +341,61 @@ impl Config {
             pid_file: a.pid_file,
         })
     }
+}
+
+/// The bus's settings, or `None` for a node on its own.
+fn bus_config(a: &Args) -> Result<Option<BusConfig>, String> {
+    if a.redis_channel.is_some() {
+        return Err(
+            "--redis-channel (NUDGE_REDIS_CHANNEL) is replaced by --redis-stream: the bus \
+             is a Redis stream now, and a main API that published into Redis must XADD instead \
+             (docs/scaling-out.md)"
+                .into(),
+        );
+    }
+    let redis = match (&a.redis_sentinel[..], &a.redis_master_name) {
+        ([], None) => match &a.redis_url {
+            None => return Ok(None),
+            Some(url) => RedisConfig::Url(url.clone()),
+        },
+        ([], Some(_)) => return Err("--redis-master-name needs --redis-sentinel".into()),
+        (_, None) => return Err("--redis-sentinel needs --redis-master-name".into()),
+        (sentinels, Some(name)) => {
+            for s in sentinels {
+                let port = s.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+                if !matches!(port, Some(Ok(p)) if p > 0) {
+                    return Err(format!("--redis-sentinel {s:?} must be host:port"));
+                }
+            }
+            if name.is_empty() {
+                return Err("--redis-master-name must not be empty".into());
+            }
+            RedisConfig::Sentinel {
+                sentinels: sentinels.to_vec(),
+                master_name: name.clone(),
+                url: a.redis_url.clone(),
+            }
+        }
+    };
+    if a.redis_stream.is_empty() {
+        return Err("--redis-stream must not be empty".into());
+    }
+    if a.bus_retention < Duration::from_secs(1) {
+        return Err("--bus-retention must be at least 1s".into());
+    }
+    if a.bus_max_entries < 1000 {
+        return Err("--bus-max-entries must be at least 1000".into());
+    }
+    if a.gap_wake_rate == 0 {
+        return Err("--gap-wake-rate must be at least 1 (polls a second)".into());
+    }
+    Ok(Some(BusConfig {
+        redis,
+        stream: a.redis_stream.clone(),
+        retention: a.bus_retention,
+        max_entries: a.bus_max_entries,
+        gap_wake_rate: a.gap_wake_rate,
+    }))
 }
 
 /// A size in bytes: plain digits, or a number with `KB`/`MB`/`GB` (powers of 1000) or
@@ -371,7 +449,7 @@ mod tests {
         assert_eq!(c.limits.max_retries, 10);
         assert_eq!(c.max_polls_per_channel, 4);
         assert_eq!(c.drain_period, Duration::from_secs(10));
-        assert_eq!(c.redis_channel, "nudge:publish");
+        assert_eq!(c.bus, None);
     }
 
     #[test]

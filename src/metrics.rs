@@ -32,8 +32,16 @@ pub struct Metrics {
     pub publishes_total: IntCounterVec,
     /// `nudge_wakeups_total`: parked polls woken by a publish.
     pub wakeups_total: IntCounter,
-    /// `nudge_bus_gaps_total`: bus outages after which every channel was marked pending.
-    pub bus_gaps_total: IntCounter,
+    /// `nudge_bus_gaps_total{repair,cause}`: interruptions of the bus reader, by how they
+    /// were repaired (`replayed`, `woke_all`) and why (`reconnect`, `trimmed`, `reset`,
+    /// `diverged`); see [`gap`].
+    pub bus_gaps_total: IntCounterVec,
+    /// `nudge_bus_entries_replayed_total`: stream entries applied late, after a gap.
+    pub bus_entries_replayed_total: IntCounter,
+    /// `nudge_bus_lag_seconds`: from an entry's Redis timestamp to its application here.
+    pub bus_lag_seconds: Histogram,
+    /// `nudge_bus_stalls_total`: the reader's connection was open but gave no reply in time.
+    pub bus_stalls_total: IntCounter,
     /// Registered only when a bus is configured: a node without one has nothing to be
     /// disconnected from, and must not trip a "bus down" alert.
     pub bus_connected: IntGauge,
@@ -55,6 +63,21 @@ pub enum ParkedOn {
     Fast,
     /// hyper: the fast path is off, or the request was not one it serves.
     Hyper,
+}
+
+/// The label pairs of `nudge_bus_gaps_total`: `(repair, cause)`.
+pub mod gap {
+    /// The reader reconnected and read on from its last entry: nothing was lost.
+    pub const REPLAYED: (&str, &str) = ("replayed", "reconnect");
+    /// Entries after the node's last one were trimmed away before it could read them.
+    pub const TRIMMED: (&str, &str) = ("woke_all", "trimmed");
+    /// The stream is not the one the node was reading (Redis restarted empty, `FLUSHALL`).
+    pub const RESET: (&str, &str) = ("woke_all", "reset");
+    /// Redis no longer holds entries the node applied (a failover to a replica that had
+    /// not received them, or a restore from an older snapshot).
+    pub const DIVERGED: (&str, &str) = ("woke_all", "diverged");
+    /// Every pair, so that each has a sample from the start.
+    pub const ALL: [(&str, &str); 4] = [REPLAYED, TRIMMED, RESET, DIVERGED];
 }
 
 /// Outcomes counted in `nudge_polls_total{outcome}` besides the four answers.
@@ -132,7 +155,7 @@ impl Metrics {
             bus_connected: {
                 let g = IntGauge::new(
                     "nudge_bus_connected",
-                    "1 while the publish bus subscription is up.",
+                    "1 while the publish bus reader is connected and reading.",
                 )
                 .unwrap();
                 if with_bus {
@@ -159,9 +182,42 @@ impl Metrics {
             ),
             bus_gaps_total: reg(
                 &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "nudge_bus_gaps_total",
+                        "Interruptions of the bus reader, by repair (replayed, woke_all) and cause (reconnect, trimmed, reset, diverged).",
+                    ),
+                    &["repair", "cause"],
+                )
+                .unwrap(),
+            ),
+            bus_entries_replayed_total: reg(
+                &registry,
                 IntCounter::new(
-                    "nudge_bus_gaps_total",
-                    "Gaps in the bus subscription after which every channel was marked pending.",
+                    "nudge_bus_entries_replayed_total",
+                    "Bus stream entries applied after a gap, read on from the node's last entry.",
+                )
+                .unwrap(),
+            ),
+            bus_lag_seconds: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "nudge_bus_lag_seconds",
+                        "From a bus entry's Redis timestamp to its application on this node.",
+                    )
+                    .buckets(vec![
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                        2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    ]),
+                )
+                .unwrap(),
+            ),
+            bus_stalls_total: reg(
+                &registry,
+                IntCounter::new(
+                    "nudge_bus_stalls_total",
+                    "Times the bus reader's connection was open but gave no reply in time.",
                 )
                 .unwrap(),
             ),
@@ -198,6 +254,9 @@ impl Metrics {
         for s in ["api", "bus"] {
             m.publishes_total.with_label_values(&[s]);
         }
+        for (repair, cause) in gap::ALL {
+            m.bus_gaps_total.with_label_values(&[repair, cause]);
+        }
         #[cfg(target_os = "linux")]
         m.registry
             .register(Box::new(
@@ -216,6 +275,13 @@ impl Metrics {
     /// Counts a poll that parked, by path.
     pub fn count_parked(&self, on: ParkedOn) {
         self.parked_on[on as usize].inc();
+    }
+
+    /// Counts a gap in the bus reader (a pair of [`gap`]).
+    pub fn count_gap(&self, (repair, cause): (&str, &str)) {
+        self.bus_gaps_total
+            .with_label_values(&[repair, cause])
+            .inc();
     }
 
     /// Counts a poll outcome that is not an answer (see [`outcome`]).

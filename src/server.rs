@@ -69,7 +69,7 @@ impl Server {
             .map(crate::tls::acceptor)
             .transpose()
             .map_err(StartError::Config)?;
-        let metrics = Arc::new(Metrics::new(Registry::new(), config.redis_url.is_some()));
+        let metrics = Arc::new(Metrics::new(Registry::new(), config.bus.is_some()));
         let fd_allows = default_max_parked();
         let max_parked = config.max_parked.unwrap_or(fd_allows);
         if max_parked > fd_allows {
@@ -89,9 +89,9 @@ impl Server {
             metrics,
         );
         let bus = config
-            .redis_url
-            .as_deref()
-            .map(|url| Bus::new(url, &config.redis_channel, hub.clone()))
+            .bus
+            .clone()
+            .map(|bus| Bus::new(bus, hub.clone()))
             .transpose()
             .map_err(StartError::Config)?;
         let public = bind(config.listen)?;

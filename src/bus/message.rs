@@ -1,4 +1,5 @@
-//! What travels on the bus (SPEC §5): one Redis pub/sub message is one of
+//! What travels on the bus (SPEC §5): one stream entry, whose field [`FIELD`] (`m`) holds
+//! one of
 //!
 //! - **a publish**, exactly what `POST /v1/publish` takes: one JSON object
 //!   `{"topic":"user:42","position":7,"stream_type":"changes"}`, a JSON array of them, or
@@ -7,7 +8,8 @@
 //!   read as NDJSON. A pretty-printed object or array spans lines too, but it *is* one JSON
 //!   value, so it is read as such; the two readings can never both succeed with different
 //!   meanings (two objects in a row are not one JSON value, and a one-line NDJSON body is
-//!   the object itself). Nodes put a publish on the bus as a JSON array.
+//!   the object itself). Nodes put a publish on the bus as a JSON array. A main API may
+//!   append one itself: `XADD nudge:publish * m '{"topic":"user:42"}'`.
 //! - **a revocation envelope**, `{"revoke":{"subject":"user:42","topic":"box:9"},"origin":"…"}`
 //!   (`subject` and/or `topic`, as `POST /v1/revoke` takes them). `origin` is the id of the
 //!   node that already applied it, which skips it when it comes back; without `origin`
@@ -19,6 +21,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::hub::{Publish, RevokeFilter};
 use crate::wire::{NDJSON, RevokeBody, encode_publishes, parse_publish_body};
+
+/// The entry field that holds the message; other fields are ignored.
+pub const FIELD: &str = "m";
+
+/// The message among an entry's `[field, value, …]`: the value of the first [`FIELD`].
+pub fn payload(fields: &[Vec<u8>]) -> Option<&[u8]> {
+    fields
+        .chunks_exact(2)
+        .find(|pair| pair[0] == FIELD.as_bytes())
+        .map(|pair| pair[1].as_slice())
+}
 
 /// A decoded bus message.
 #[derive(Debug, PartialEq, Eq)]
@@ -118,6 +131,18 @@ mod tests {
             Message::Publish(b) => b.into_iter().map(|p| p.topic).collect(),
             other => panic!("not a publish: {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_message_is_field_m_of_the_entry() {
+        let fields = |f: &[&str]| f.iter().map(|s| s.as_bytes().to_vec()).collect::<Vec<_>>();
+        assert_eq!(
+            payload(&fields(&["trace", "x", "m", "{}", "m", "second"])),
+            Some(&b"{}"[..])
+        );
+        assert_eq!(payload(&fields(&["msg", "{}"])), None);
+        // A dangling field without a value is not read as one.
+        assert_eq!(payload(&fields(&["m"])), None);
     }
 
     #[test]

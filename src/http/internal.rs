@@ -46,20 +46,19 @@ pub struct InternalState {
 
 impl InternalState {
     /// Without a bus, applies publishes on this node: `{"published":N,"woken":M}`. With
-    /// one, puts them on the bus and answers once Redis has taken them; every node, this
-    /// one included, applies them when the bus hands them back, so nothing is woken yet:
-    /// `{"published":N,"woken":0,"subscribers":S}`, `S` being how many subscribers Redis
-    /// handed the message to (the nodes, plus any other subscriber of the channel).
+    /// one, appends them to the bus stream and answers once Redis has taken them; every
+    /// node, this one included, applies them when its reader gets to them, so nothing is
+    /// woken yet: `{"published":N,"woken":0,"entry":"<stream entry id>"}`.
     async fn publish(&self, batch: Vec<Publish>) -> Result<serde_json::Value, ApiError> {
         let Some(bus) = &self.bus else {
             let report = self.hub.publish(&batch, "api");
             return Ok(json!({ "published": report.published, "woken": report.woken }));
         };
         match bus.publish(&batch).await {
-            Ok(subscribers) => Ok(json!({
+            Ok(entry) => Ok(json!({
                 "published": batch.len(),
                 "woken": 0,
-                "subscribers": subscribers,
+                "entry": entry.to_string(),
             })),
             Err(e) => {
                 log_bus_error(&e, "publish refused");
@@ -94,13 +93,9 @@ impl InternalState {
     }
 }
 
-/// A bus that is known to be down is expected (and already logged by the subscriber);
-/// a Redis that failed a command is worth a warning.
+/// A Redis that failed a command is worth a warning (its reader logs outages too).
 fn log_bus_error(e: &BusError, what: &str) {
-    match e {
-        BusError::NotConnected => tracing::debug!(error = %e, "{what}"),
-        _ => tracing::warn!(error = %e, "{what}"),
-    }
+    tracing::warn!(error = %e, "{what}");
 }
 
 /// Answers one request on the internal listener; every error becomes its JSON answer.

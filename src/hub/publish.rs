@@ -86,10 +86,12 @@ impl Hub {
         }
     }
 
-    /// Answers every parked poll `new_change`, spread over `spread`, and marks every channel
-    /// without one pending: after a gap in the bus nobody can know what was missed. Returns
-    /// the number of live channels.
-    pub async fn mark_all_pending(&self, spread: Duration) -> usize {
+    /// Answers every parked poll `new_change`, `rate` of them a second, and marks every
+    /// channel without one pending: after a gap in the bus that cannot be replayed nobody
+    /// knows what was missed. A pending mark costs the main API nothing until its client
+    /// polls again; an answered poll makes its client fetch at once, hence the rate.
+    /// Returns the number of live channels.
+    pub async fn mark_all_pending(&self, rate: u32) -> usize {
         let now = Instant::now();
         let mut wake = Vec::new();
         let mut channels = 0;
@@ -107,6 +109,7 @@ impl Hub {
                 }
             }
         }
+        let spread = Duration::from_secs_f64(wake.len() as f64 / f64::from(rate.max(1)));
         let gone = answer_spread(wake, Answer::NewChange, spread).await;
         // Polls whose clients left while waiting for their turn: keep the change for the
         // next poll, as a publish does.

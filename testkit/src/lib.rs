@@ -7,6 +7,7 @@
 //!   keep-alive connections, bytes queued behind a poll, a poll cancelled mid-park).
 //! - [`redis`]: a `redis-server` of the caller's own on a free loopback port.
 //! - [`memory`]: a process's resident memory (RSS and PSS) from `/proc`.
+//! - [`proxy`]: a TCP proxy to Redis that can be cut or stalled, as a network breaks.
 //!
 //! Every wait has a deadline; every process is named by the pid the kit itself started.
 
@@ -14,6 +15,7 @@
 
 pub mod memory;
 pub mod node;
+pub mod proxy;
 pub mod raw;
 pub mod redis;
 

@@ -238,7 +238,8 @@ async fn hub_a_poll_dropped_during_the_gap_spread_leaves_the_channel_pending() {
     }
     let spread = tokio::spawn({
         let hub = hub.clone();
-        async move { hub.mark_all_pending(Duration::from_millis(600)).await }
+        // 4 polls at 6 a second: 600 ms.
+        async move { hub.mark_all_pending(6).await }
     });
     let taken = hub.clone();
     crate::support::eventually(

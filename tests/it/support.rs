@@ -41,7 +41,14 @@ impl TestServer {
     /// Starts a node on the bus at `redis_url` (not waiting for it to be ready: see
     /// [`TestServer::wait_ready`]).
     pub async fn with_redis(redis_url: &str) -> TestServer {
-        TestServer::with(|c| c.redis_url = Some(redis_url.to_owned())).await
+        TestServer::with_flags(&["--redis-url", redis_url]).await
+    }
+
+    /// Starts with these flags (as on the command line) over the test defaults.
+    pub async fn with_flags(flags: &[&str]) -> TestServer {
+        let mut config = Config::for_tests_with(flags);
+        config.drain_period = Duration::from_millis(200);
+        TestServer::with_config(config).await
     }
 
     /// Starts with the test defaults changed by `adjust`.
@@ -49,6 +56,10 @@ impl TestServer {
         let mut config = Config::for_tests();
         config.drain_period = Duration::from_millis(200);
         adjust(&mut config);
+        TestServer::with_config(config).await
+    }
+
+    async fn with_config(config: Config) -> TestServer {
         let server = Server::bind(config).await.expect("binds to free ports");
         let (public, internal, hub, bus) = (
             server.public_addr(),

@@ -1,0 +1,409 @@
+//! The reader every node runs on the stream: one connection, `XREAD BLOCK` from the entry
+//! after the last one applied, each entry applied in order.
+//!
+//! # What an interruption cost
+//! Whenever the reader (re)connects it asks Redis three things before reading on from its
+//! last entry `L`: the stream's epoch (a random value nodes keep at `<stream>:epoch`, gone
+//! with the data on a restart without persistence or a `FLUSHALL`), the stream's
+//! `XINFO` (its last id and the largest id ever deleted from it), and whether `L` itself
+//! is still there. Then:
+//!
+//! | Redis says | the node |
+//! |---|---|
+//! | another epoch, or no stream | **reset**: wakes all, reads the new stream from its start |
+//! | last id < `L` | **diverged** (a failover to a replica that had not received what this node applied): wakes all, reads on from the last id |
+//! | `L` missing and never deleted | **diverged** the same way, and reads on from `L` |
+//! | an id > `L` was deleted | **trimmed**: wakes all, applies what is left after `L` |
+//! | otherwise | **replayed**: reads on from `L`; nothing else is touched |
+//!
+//! "Wakes all" is [`Hub::mark_all_pending`](crate::hub::Hub::mark_all_pending) at
+//! `--gap-wake-rate`. The first connection of a node that has no position starts at the
+//! stream's end: it had nothing to miss (channels registered before it are marked pending,
+//! uncounted, as they were registered while the node could not hear the bus).
+//!
+//! # A wedged connection
+//! Every read blocks at most [`BLOCK`] in Redis, so a healthy connection answers at least
+//! that often; a reply that has not come [`STALL_GRACE`] later (a paused server, a stalled
+//! socket, a lost reply) ends the connection, counts `nudge_bus_stalls_total`, and the node
+//! is not ready until it has reconnected and replayed.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep};
+use tracing::{debug, info, warn};
+
+use super::backoff::Backoff;
+use super::cursor::{Resumed, StreamInfo};
+use super::entry_id::EntryId;
+use super::message::{self, Message};
+use super::{Bus, BusError};
+use crate::metrics::gap;
+
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// How long one `XREAD` waits in Redis for a new entry.
+const BLOCK: Duration = Duration::from_secs(2);
+/// A reply later than `BLOCK` plus this means the connection is wedged: noticed within
+/// 5 s, well inside the 10 s an operator is promised.
+const STALL_GRACE: Duration = Duration::from_secs(3);
+/// Entries one read takes at most.
+const READ_COUNT: usize = 512;
+/// Refused entries are logged at most this often.
+const COMPLAIN_EVERY: Duration = Duration::from_secs(10);
+/// While Redis stays down, one warning per this many failed attempts (the rest at debug).
+const WARN_EVERY_ATTEMPTS: u32 = 30;
+
+pub(super) async fn run(bus: Arc<Bus>) {
+    let mut stop = bus.stop.subscribe();
+    let mut backoff = Backoff::new(BACKOFF_FIRST, BACKOFF_CAP);
+    while !*stop.borrow_and_update() {
+        let connected = tokio::select! {
+            c = connect_and_resume(&bus) => c,
+            _ = stop.changed() => break,
+        };
+        match connected {
+            Ok((conn, resumed, replay_until)) => {
+                backoff.reset();
+                // Its connection most likely died with the reader's.
+                bus.publisher.reset().await;
+                bus.set_connected(true);
+                after_resume(&bus, resumed);
+                let why = read(&bus, conn, replay_until, &mut stop).await;
+                bus.set_connected(false);
+                match why {
+                    Some(why) => {
+                        warn!(reason = %why, "bus reader lost; not ready until it is back")
+                    }
+                    None => break,
+                }
+            }
+            Err(e) if backoff.attempts().is_multiple_of(WARN_EVERY_ATTEMPTS) => {
+                warn!(error = %e, attempts = backoff.attempts() + 1, "cannot read the bus")
+            }
+            Err(e) => debug!(error = %e, attempts = backoff.attempts() + 1, "cannot read the bus"),
+        }
+        tokio::select! {
+            _ = sleep(backoff.next_delay()) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    bus.stopped.send_replace(true);
+    info!(position = ?bus.position(), "bus reader stopped");
+}
+
+/// Connects, works out what the interruption cost, and sets the cursor to read on from.
+/// Returns the connection, how it resumed, and the stream's last id at that moment
+/// (entries up to it that are read now were missed: they count as replayed).
+async fn connect_and_resume(
+    bus: &Bus,
+) -> Result<(MultiplexedConnection, Resumed, EntryId), BusError> {
+    let mut conn = bus.target.connect("reader", BLOCK + STALL_GRACE).await?;
+    let stream = bus.config.stream.as_str();
+    let epoch = epoch(&mut conn, stream).await?;
+    let info = stream_info(&mut conn, stream).await?;
+    let known = bus.cursor.lock().clone();
+    let last_present = match (known.needs_presence(), &info) {
+        (Some(last), Some(_)) => entry_exists(&mut conn, stream, last).await?,
+        _ => false,
+    };
+    let (cursor, resumed) = known.resume(&epoch, info.as_ref(), last_present);
+    *bus.cursor.lock() = cursor;
+    let replay_until = match (resumed, &info) {
+        (Resumed::Gap(_), Some(info)) => info.last_generated,
+        _ => EntryId::ZERO,
+    };
+    Ok((conn, resumed, replay_until))
+}
+
+/// Counts the gap, and wakes everything when it cannot be replayed.
+fn after_resume(bus: &Bus, resumed: Resumed) {
+    let position = bus.position();
+    let wake_all = match resumed {
+        Resumed::Fresh => {
+            info!(stream = %bus.config.stream, node = %bus.node_id, ?position, "bus reader started at the stream's end");
+            bus.hub.counts().channels > 0
+        }
+        Resumed::Gap(pair) => {
+            bus.hub.metrics().count_gap(pair);
+            let (repair, cause) = pair;
+            if pair == gap::REPLAYED {
+                info!(?position, "bus reader back: reading on from its last entry");
+            } else {
+                warn!(
+                    repair,
+                    cause,
+                    ?position,
+                    "bus reader back, but what it missed cannot be replayed: every channel is marked pending"
+                );
+            }
+            pair != gap::REPLAYED
+        }
+    };
+    if wake_all {
+        let hub = bus.hub.clone();
+        let rate = bus.config.gap_wake_rate;
+        tokio::spawn(async move {
+            let channels = hub.mark_all_pending(rate).await;
+            info!(channels, "every channel marked pending");
+        });
+    }
+}
+
+/// Reads and applies entries until the connection is lost (returns why) or the bus is
+/// stopped (returns `None`).
+async fn read(
+    bus: &Bus,
+    mut conn: MultiplexedConnection,
+    replay_until: EntryId,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<String> {
+    let mut complaints = Complaints::default();
+    loop {
+        let from = bus.cursor.lock().last.unwrap_or(EntryId::ZERO);
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("COUNT")
+            .arg(READ_COUNT)
+            .arg("BLOCK")
+            .arg(BLOCK.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&bus.config.stream)
+            .arg(from.to_string());
+        let reply = tokio::select! {
+            r = xread.query_async::<Value>(&mut conn) => r,
+            _ = stop.changed() => return None,
+        };
+        let entries = match reply {
+            Ok(value) => match entries_of(value) {
+                Ok(entries) => entries,
+                Err(e) => return Some(e),
+            },
+            Err(e) if e.is_timeout() => {
+                bus.hub.metrics().bus_stalls_total.inc();
+                return Some(format!(
+                    "no reply within {:?}: the connection is wedged",
+                    BLOCK + STALL_GRACE
+                ));
+            }
+            Err(e) => return Some(e.to_string()),
+        };
+        for (id, fields) in entries {
+            apply(bus, id, &fields, &mut complaints);
+            if id <= replay_until {
+                bus.hub.metrics().bus_entries_replayed_total.inc();
+            }
+            bus.cursor.lock().applied(id);
+        }
+    }
+}
+
+/// Applies one entry on this node.
+fn apply(bus: &Bus, id: EntryId, fields: &[Vec<u8>], complaints: &mut Complaints) {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    bus.hub
+        .metrics()
+        .bus_lag_seconds
+        .observe(now_ms.saturating_sub(id.ms) as f64 / 1000.0);
+    let Some(payload) = message::payload(fields) else {
+        complaints.complain(id, "the entry has no field m", 0);
+        return;
+    };
+    match message::decode(payload) {
+        Ok(Message::Publish(batch)) => {
+            bus.hub.publish(&batch, "bus");
+        }
+        Ok(Message::Revoke { origin, .. }) if origin.as_deref() == Some(bus.node_id()) => {
+            // Applied when it was posted here.
+        }
+        Ok(revoke @ Message::Revoke { .. }) => {
+            let filter = revoke.revoke_filter().expect("a revoke");
+            let revoked = bus.hub.revoke(&filter);
+            debug!(revoked, %id, "revocation from the bus applied");
+        }
+        Err(why) => complaints.complain(id, &why, payload.len()),
+    }
+}
+
+/// The stream's epoch, set by the first node that finds none.
+async fn epoch(conn: &mut MultiplexedConnection, stream: &str) -> Result<String, BusError> {
+    let key = format!("{stream}:epoch");
+    let mut fresh = [0u8; 8];
+    getrandom::fill(&mut fresh).expect("the OS random source is available");
+    // SET NX GET (Redis 7): sets ours if there is none, and returns what was there.
+    let fresh = format!("{:016x}", u64::from_le_bytes(fresh));
+    let old: Option<String> = redis::cmd("SET")
+        .arg(&key)
+        .arg(&fresh)
+        .arg("NX")
+        .arg("GET")
+        .query_async(conn)
+        .await?;
+    Ok(old.unwrap_or(fresh))
+}
+
+/// `XINFO STREAM`; `None` when there is no stream.
+async fn stream_info(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+) -> Result<Option<StreamInfo>, BusError> {
+    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(conn)
+        .await;
+    let fields = match reply {
+        Ok(Value::Array(fields)) => fields,
+        Ok(Value::Map(pairs)) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+        Ok(other) => return Err(BusError::Protocol(format!("XINFO STREAM: {other:?}"))),
+        Err(e) if e.to_string().contains("no such key") => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut info = StreamInfo {
+        length: 0,
+        last_generated: EntryId::ZERO,
+        entries_added: 0,
+        first_entry: None,
+        max_deleted: EntryId::ZERO,
+    };
+    let (mut has_last, mut has_added) = (false, false);
+    for pair in fields.chunks(2) {
+        let (Some(name), Some(value)) = (pair.first().and_then(text), pair.get(1)) else {
+            continue;
+        };
+        let id = |v: &Value| text(v).and_then(|t| t.parse::<EntryId>().ok());
+        let number = || match value {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            other => text(other).and_then(|t| t.parse().ok()),
+        };
+        match name.as_str() {
+            "length" => info.length = number().unwrap_or(0),
+            "last-generated-id" => {
+                info.last_generated = id(value).unwrap_or(EntryId::ZERO);
+                has_last = true;
+            }
+            "entries-added" => {
+                info.entries_added = number().unwrap_or(0);
+                has_added = true;
+            }
+            "max-deleted-entry-id" => info.max_deleted = id(value).unwrap_or(EntryId::ZERO),
+            "first-entry" => {
+                info.first_entry = match value {
+                    Value::Array(entry) => entry.first().and_then(id),
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+    }
+    if !(has_last && has_added) {
+        return Err(BusError::Protocol(
+            "XINFO STREAM without last-generated-id or entries-added: Redis 7 or later is needed"
+                .into(),
+        ));
+    }
+    Ok(Some(info))
+}
+
+async fn entry_exists(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    id: EntryId,
+) -> Result<bool, BusError> {
+    let found: Vec<Value> = redis::cmd("XRANGE")
+        .arg(stream)
+        .arg(id.to_string())
+        .arg(id.to_string())
+        .query_async(conn)
+        .await?;
+    Ok(!found.is_empty())
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// One stream entry: its id and its `[field, value, …]`.
+type Entry = (EntryId, Vec<Vec<u8>>);
+
+/// The entries of an `XREAD` reply on one stream, in order.
+fn entries_of(value: Value) -> Result<Vec<Entry>, String> {
+    let bad = |what: &str| format!("unexpected XREAD reply: {what}");
+    let streams = match value {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams,
+        Value::Map(pairs) => pairs
+            .into_iter()
+            .map(|(k, v)| Value::Array(vec![k, v]))
+            .collect(),
+        _ => return Err(bad("not an array")),
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let Value::Array(mut key_and_entries) = stream else {
+            return Err(bad("a stream is not an array"));
+        };
+        let Some(Value::Array(entries)) = key_and_entries.pop() else {
+            return Err(bad("no entries"));
+        };
+        for entry in entries {
+            let Value::Array(mut parts) = entry else {
+                return Err(bad("an entry is not an array"));
+            };
+            let fields = match parts.pop() {
+                Some(Value::Array(fields)) => fields
+                    .into_iter()
+                    .map(|f| match f {
+                        Value::BulkString(b) => b,
+                        Value::SimpleString(s) => s.into_bytes(),
+                        _ => Vec::new(),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let id = parts
+                .pop()
+                .as_ref()
+                .and_then(text)
+                .ok_or_else(|| bad("an entry without an id"))?
+                .parse::<EntryId>()?;
+            out.push((id, fields));
+        }
+    }
+    Ok(out)
+}
+
+/// Rate-limits the warning about refused entries.
+#[derive(Default)]
+struct Complaints {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Complaints {
+    fn complain(&mut self, id: EntryId, why: &str, bytes: usize) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now - t < COMPLAIN_EVERY) {
+            self.suppressed += 1;
+            return;
+        }
+        warn!(
+            error = why,
+            %id,
+            bytes,
+            suppressed = self.suppressed,
+            "bus entry refused"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}

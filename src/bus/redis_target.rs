@@ -1,0 +1,172 @@
+//! Where the bus's Redis is: one `--redis-url`, or the primary that `--redis-sentinel`'s
+//! sentinels name for `--redis-master-name`. Every connection is asked for afresh, so a
+//! reconnect after a failover lands on the new primary.
+//!
+//! Connections are named (`CLIENT SETNAME nudge:<host>:<node>:<role>`) so that an
+//! operator can tell a tier's readers and writers apart in `CLIENT LIST`.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+
+use super::BusError;
+
+/// How long a TCP connect and the handshake may take, to Redis or to a sentinel.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The Redis the bus talks to, as configured.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RedisConfig {
+    /// `--redis-url`.
+    Url(String),
+    /// `--redis-sentinel` and `--redis-master-name`; `--redis-url`, when given too, lends
+    /// its user, password and database to the primary (its host is not used).
+    Sentinel {
+        /// `host:port` of each sentinel, asked in turn.
+        sentinels: Vec<String>,
+        /// The name the sentinels monitor the primary under.
+        master_name: String,
+        /// `--redis-url`, for credentials and database.
+        url: Option<String>,
+    },
+}
+
+/// Checks a `--redis-url` as the client will read it (host, port, database, and whether
+/// this build can speak its scheme). The error never repeats the URL, which may hold a
+/// password.
+pub fn check_url(url: &str) -> Result<(), String> {
+    Client::open(url)
+        .map(drop)
+        .map_err(|e| format!("--redis-url: {e}"))
+}
+
+/// Resolves and opens connections to the primary.
+pub(super) struct Target {
+    kind: Kind,
+    /// `nudge:<host>:<node>`, completed with the connection's role.
+    name_prefix: String,
+}
+
+enum Kind {
+    Fixed(Client),
+    Sentinel {
+        sentinels: Vec<String>,
+        master_name: String,
+        base: ConnectionInfo,
+    },
+}
+
+impl Target {
+    pub(super) fn new(config: &RedisConfig, node_id: &str) -> Result<Target, String> {
+        let kind = match config {
+            RedisConfig::Url(url) => {
+                Kind::Fixed(Client::open(url.as_str()).map_err(|e| format!("--redis-url: {e}"))?)
+            }
+            RedisConfig::Sentinel {
+                sentinels,
+                master_name,
+                url,
+            } => Kind::Sentinel {
+                sentinels: sentinels.clone(),
+                master_name: master_name.clone(),
+                base: url
+                    .as_deref()
+                    .unwrap_or("redis://127.0.0.1")
+                    .into_connection_info()
+                    .map_err(|e| format!("--redis-url: {e}"))?,
+            },
+        };
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().replace(|c: char| !c.is_ascii_graphic(), "_"))
+            .unwrap_or_else(|_| "host".into());
+        Ok(Target {
+            kind,
+            name_prefix: format!("nudge:{host}:{node_id}"),
+        })
+    }
+
+    /// A connection to the primary, named for `role`, whose every reply must come within
+    /// `response_timeout` (the reader's blocking reads included: that is how a wedged
+    /// connection is caught).
+    pub(super) async fn connect(
+        &self,
+        role: &str,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection, BusError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(response_timeout));
+        let mut conn = match &self.kind {
+            Kind::Fixed(client) => {
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?
+            }
+            Kind::Sentinel {
+                sentinels,
+                master_name,
+                base,
+            } => primary_via_sentinels(sentinels, master_name, base, &config).await?,
+        };
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(format!("{}:{role}", self.name_prefix))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(conn)
+    }
+}
+
+/// Asks each sentinel in turn where the primary is, and keeps the first answer whose
+/// server says it is a primary (a sentinel may not have seen a failover yet).
+async fn primary_via_sentinels(
+    sentinels: &[String],
+    master_name: &str,
+    base: &ConnectionInfo,
+    config: &AsyncConnectionConfig,
+) -> Result<MultiplexedConnection, BusError> {
+    let mut last = BusError::NoPrimary(format!("no sentinel named a primary for {master_name:?}"));
+    for sentinel in sentinels {
+        match ask_sentinel(sentinel, master_name, base, config).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn ask_sentinel(
+    sentinel: &str,
+    master_name: &str,
+    base: &ConnectionInfo,
+    config: &AsyncConnectionConfig,
+) -> Result<MultiplexedConnection, BusError> {
+    let client = Client::open(format!("redis://{sentinel}"))?;
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(config)
+        .await?;
+    let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+        .arg("get-master-addr-by-name")
+        .arg(master_name)
+        .query_async(&mut conn)
+        .await?;
+    let Some((host, port)) = addr else {
+        return Err(BusError::NoPrimary(format!(
+            "sentinel {sentinel} does not monitor {master_name:?}"
+        )));
+    };
+    let info = base
+        .clone()
+        .set_addr(ConnectionAddr::Tcp(host.clone(), port));
+    let mut primary = Client::open(info)?
+        .get_multiplexed_async_connection_with_config(config)
+        .await?;
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut primary).await?;
+    match role.first() {
+        Some(redis::Value::BulkString(r)) if r == b"master" => Ok(primary),
+        _ => Err(BusError::NoPrimary(format!(
+            "sentinel {sentinel} names {host}:{port}, which is not a primary (yet)"
+        ))),
+    }
+}
