@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Rough publishes/s through one Redis into nudge nodes (docs/scaling-out.md, "Capacity").
 #
-# Starts a redis-server and NODES nudge nodes (release build) on free loopback ports, sends
-# N PUBLISHes into Redis with redis-benchmark (CLIENTS connections, PIPELINE deep, random
-# topics user:0..99999), and times until every node has applied all of them
+# Starts a redis-server and NODES nudge nodes (release build) on free loopback ports, appends
+# N entries to the bus stream with redis-benchmark (`XADD nudge:publish * m <publish>`,
+# CLIENTS connections, PIPELINE deep, random topics user:0..99999), and times until every
+# node has applied all of them
 # (nudge_publishes_total{source="bus"}). BATCH > 1 sends arrays of BATCH publishes per
 # message. Bounded: N messages, at most LIMIT seconds of waiting; everything it started is
 # stopped at exit. Loopback only.
 #
 #   bash scripts/bus-throughput.sh                    # N=200000 NODES=2 CLIENTS=50 PIPELINE=16
 #   N=50000 BATCH=10 bash scripts/bus-throughput.sh
+#   BIN=/path/to/old/nudge MODE=pubsub bash scripts/bus-throughput.sh   # a build from before
+#       the stream (commit 9a380cb and older), fed with PUBLISH, for a side-by-side run
 set -euo pipefail
 cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.."
 
@@ -19,13 +22,19 @@ CLIENTS=${CLIENTS:-50}
 PIPELINE=${PIPELINE:-16}
 BATCH=${BATCH:-1}
 LIMIT=${LIMIT:-120}
-BIN=target/release/nudge
+BIN=${BIN:-target/release/nudge}
+MODE=${MODE:-stream}
 
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
     echo "needs redis-server and redis-benchmark: apt-get install redis-server" >&2
     exit 1
 fi
 [ -x "$BIN" ] || cargo build --release --locked
+case "$MODE" in
+    stream) send=(XADD nudge:publish '*' m) ;;
+    pubsub) send=(PUBLISH nudge:publish) ;;
+    *) echo "MODE is stream or pubsub" >&2; exit 1 ;;
+esac
 
 tmp=$(mktemp -d)
 pids=()
@@ -70,10 +79,10 @@ else
     payload="[${payload%,}]"
 fi
 want=$(( N * BATCH ))
-echo "redis-server 127.0.0.1:$rport, $NODES nodes; $N messages of $BATCH publish(es), $CLIENTS clients, pipeline $PIPELINE"
+echo "redis-server 127.0.0.1:$rport, $NODES nodes ($MODE); $N messages of $BATCH publish(es), $CLIENTS clients, pipeline $PIPELINE"
 start=$(date +%s.%N)
 redis-benchmark -p "$rport" -n "$N" -c "$CLIENTS" -P "$PIPELINE" -r 100000 -q \
-    PUBLISH nudge:publish "$payload" | tr '\r' '\n' | grep -v '^$' | tail -1
+    "${send[@]}" "$payload" | tr '\r' '\n' | grep -v '^$' | tail -1
 sent=$(date +%s.%N)
 until=$(( $(date +%s) + LIMIT ))
 for addr in "${internal[@]}"; do
