@@ -112,6 +112,9 @@ async fn metrics_have_every_spec_name_and_no_channel_or_topic_label() {
         ("nudge_publishes_total", "counter"),
         ("nudge_wakeups_total", "counter"),
         ("nudge_bus_gaps_total", "counter"),
+        ("nudge_bus_entries_replayed_total", "counter"),
+        ("nudge_bus_stalls_total", "counter"),
+        ("nudge_bus_lag_seconds", "histogram"),
         ("nudge_registrations_refused_total", "counter"),
         ("nudge_positions_refused_total", "counter"),
         ("nudge_polls_parked_total", "counter"),
@@ -127,13 +130,13 @@ async fn metrics_have_every_spec_name_and_no_channel_or_topic_label() {
     // Registered only with a bus (deploy/prometheus alert rules rely on that).
     assert!(!m.types.contains_key("nudge_bus_connected"));
     // Low cardinality: the only labels are the outcome, the source, which HTTP path served
-    // a public request, and histogram buckets.
+    // a public request, how a bus gap was repaired and why, and histogram buckets.
     let labels: BTreeSet<&str> = m
         .samples
         .iter()
         .flat_map(|(_, l, _)| l.keys().map(String::as_str))
         .collect();
-    assert_eq!(labels, BTreeSet::from(["le", "outcome", "path", "source"]));
+    assert_eq!(labels, BTreeSet::from(["cause", "le", "outcome", "path", "repair", "source"]));
     assert!(!text.contains(&ch.id) && !text.contains("user:4242"));
     // The figures say what happened.
     assert_eq!(m.value("nudge_channels", None), 1.0);
