@@ -140,11 +140,16 @@ impl Settings {
         ns.dedup();
         let servers = env_list(
             "NUDGE_BENCH_SERVERS",
-            mode.pick("nudge,floor,nchan1,nchan2", "nudge,floor,nchan1", "nudge"),
+            mode.pick(
+                "nudge,nudge1t,floor,nchan1,nchan2",
+                "nudge,nudge1t,floor,nchan1",
+                "nudge",
+            ),
         )
         .iter()
         .map(|s| match s.as_str() {
             "nudge" => Kind::Nudge,
+            "nudge1t" | "nudge-1t" => Kind::NudgeOneThread,
             "floor" => Kind::Floor,
             other => match other
                 .strip_prefix("nchan")
@@ -153,7 +158,7 @@ impl Settings {
                 Some(Ok(workers)) if workers >= 1 => Kind::Nchan { workers },
                 _ => {
                     eprintln!(
-                        "bench: NUDGE_BENCH_SERVERS: {other} is none of nudge, floor, nchan1, nchan2, …"
+                        "bench: NUDGE_BENCH_SERVERS: {other} is none of nudge, nudge1t, floor, nchan1, nchan2, …"
                     );
                     std::process::exit(64)
                 }

@@ -147,7 +147,7 @@ pub async fn park_run(
     let mut server = Server::start(kind, &settings.binaries).await?;
     let result = park_run_on(&mut server, scenario, n, repeat, measure_cpu, settings).await;
     let result = result.map_err(|e| match kind {
-        Kind::Nudge | Kind::Floor => {
+        Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => {
             format!("{e}\n  {}'s log ends:\n{}", kind.name(), server.log_tail())
         }
         Kind::Nchan { .. } => e,

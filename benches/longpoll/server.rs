@@ -27,6 +27,9 @@ use crate::procfs;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Nudge,
+    /// nudge on one tokio worker thread (`--worker-threads 1`), to show what the second
+    /// core buys a wake-up (issue 14.3).
+    NudgeOneThread,
     /// The floor (`floor.rs`): driven through the same internal API as nudge.
     Floor,
     Nchan {
@@ -38,13 +41,15 @@ impl Kind {
     pub fn name(self) -> String {
         match self {
             Kind::Nudge => "nudge".to_owned(),
+            Kind::NudgeOneThread => "nudge-1t".to_owned(),
             Kind::Floor => "floor".to_owned(),
             Kind::Nchan { workers } => format!("nchan-{workers}w"),
         }
     }
 
+    /// nudge, on any number of threads.
     pub fn is_nudge(self) -> bool {
-        self == Kind::Nudge
+        matches!(self, Kind::Nudge | Kind::NudgeOneThread)
     }
 
     pub fn is_nchan(self) -> bool {
@@ -147,7 +152,10 @@ pub struct Binaries {
 impl Server {
     pub async fn start(kind: Kind, binaries: &Binaries) -> Result<Server, String> {
         match kind {
-            Kind::Nudge => Server::start_nudge(&binaries.nudge).await,
+            Kind::Nudge => Server::start_nudge(&binaries.nudge, kind, &[]).await,
+            Kind::NudgeOneThread => {
+                Server::start_nudge(&binaries.nudge, kind, &["--worker-threads", "1"]).await
+            }
             Kind::Floor => Server::start_floor().await,
             Kind::Nchan { workers } => {
                 let install = binaries.nchan.as_ref().ok_or("Nchan is not installed")?;
@@ -163,7 +171,7 @@ impl Server {
         Server::start_logging(Kind::Floor, command).await
     }
 
-    async fn start_nudge(binary: &PathBuf) -> Result<Server, String> {
+    async fn start_nudge(binary: &PathBuf, kind: Kind, extra: &[&str]) -> Result<Server, String> {
         let mut command = Command::new(binary);
         command
             .args(FREE_PORTS)
@@ -177,9 +185,10 @@ impl Server {
                 "--max-polls-per-channel",
                 "100000",
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1");
-        Server::start_logging(Kind::Nudge, command).await
+        Server::start_logging(kind, command).await
     }
 
     /// Starts nudge or the floor, which both log `listening public=ADDR` and
@@ -258,7 +267,7 @@ impl Server {
     /// Polls parked right now, as the server itself counts them.
     pub async fn parked(&mut self) -> Result<usize, String> {
         let (path, name) = match self.kind {
-            Kind::Nudge | Kind::Floor => ("/metrics", "nudge_parked_polls"),
+            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => ("/metrics", "nudge_parked_polls"),
             Kind::Nchan { .. } => ("/status", "subscribers:"),
         };
         let text = self.get_text(path).await?;
@@ -326,7 +335,7 @@ impl Server {
     /// The subscribe path of the warm-up polls (one channel on [`WARM_TOPIC`]).
     pub async fn warm_paths(&mut self) -> Result<Arc<Vec<String>>, String> {
         let paths = match self.kind {
-            Kind::Nudge | Kind::Floor => self.register(|_| WARM_TOPIC.to_owned(), 1).await?,
+            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => self.register(|_| WARM_TOPIC.to_owned(), 1).await?,
             Kind::Nchan { .. } => vec![format!("/sub?channel={WARM_TOPIC}")],
         };
         Ok(Arc::new(paths))
@@ -340,13 +349,13 @@ impl Server {
         n: usize,
     ) -> Result<Arc<Vec<String>>, String> {
         let paths = match (self.kind, scenario) {
-            (Kind::Nudge | Kind::Floor, Scenario::OneTopic) => {
+            (Kind::Nudge | Kind::NudgeOneThread | Kind::Floor, Scenario::OneTopic) => {
                 self.register(|_| FAN_TOPIC.to_owned(), 1).await?
             }
-            (Kind::Nudge | Kind::Floor, Scenario::OneTopicChannelEach) => {
+            (Kind::Nudge | Kind::NudgeOneThread | Kind::Floor, Scenario::OneTopicChannelEach) => {
                 self.register(|_| FAN_TOPIC.to_owned(), n).await?
             }
-            (Kind::Nudge | Kind::Floor, Scenario::NTopics) => self.register(topic_name, n).await?,
+            (Kind::Nudge | Kind::NudgeOneThread | Kind::Floor, Scenario::NTopics) => self.register(topic_name, n).await?,
             (Kind::Nchan { .. }, Scenario::OneTopic) => vec![format!("/sub?channel={FAN_TOPIC}")],
             (Kind::Nchan { .. }, Scenario::OneTopicChannelEach) => (0..n)
                 .map(|i| format!("/sub_multi?channel={FAN_TOPIC}&own=c{i}"))
@@ -384,7 +393,7 @@ impl Server {
     /// One publish to `topic`; returns when the server has answered it.
     pub async fn publish(&mut self, topic: &str) -> Result<(), String> {
         let (path, content_type, body) = match self.kind {
-            Kind::Nudge | Kind::Floor => (
+            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => (
                 "/v1/publish".to_owned(),
                 "application/json",
                 format!(r#"{{"topic":"{topic}"}}"#).into_bytes(),
@@ -415,7 +424,7 @@ impl Server {
     /// over several keep-alive connections at once.
     pub async fn publish_many(&mut self, topics: &[String]) -> Result<(), String> {
         match self.kind {
-            Kind::Nudge | Kind::Floor => {
+            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => {
                 let mut lines = topics.iter().map(|t| format!("{{\"topic\":\"{t}\"}}\n"));
                 let mut body = String::new();
                 loop {
@@ -482,7 +491,7 @@ impl Server {
     pub fn throughput_request(kind: Kind, i: usize) -> crate::load::Request {
         let topic = format!("idle{}", i % 1000);
         match kind {
-            Kind::Nudge | Kind::Floor => (
+            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => (
                 "/v1/publish".to_owned(),
                 Some("application/json"),
                 format!(r#"{{"topic":"{topic}"}}"#).into_bytes(),
@@ -513,7 +522,7 @@ impl Server {
     /// one (`nchan_subscriber_first_message oldest`), answered with it at once.
     pub async fn immediate_path(&mut self) -> Result<String, String> {
         match self.kind {
-            Kind::Nudge | Kind::Floor => {
+            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => {
                 let path = self.register(|_| "accept".to_owned(), 1).await?.remove(0);
                 Ok(format!("{path}&dont_block=true"))
             }

@@ -155,6 +155,7 @@ fn scenario_title(scenario: Scenario) -> &'static str {
 fn colour(server: &str, index: usize) -> &'static str {
     match server {
         "nudge" => "#1f5fbf",
+        "nudge-1t" => "#7fa7e6",
         "floor" => "#555555",
         "nchan-1w" => "#d62728",
         "nchan-2w" => "#ff8c00",
