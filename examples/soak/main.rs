@@ -21,9 +21,11 @@
 //! - **a checker** that holds every publish against every client it concerns.
 //!
 //! With `--nodes 2` it also starts a `redis-server` of its own as the bus of two nodes, and
-//! with `--drills` it runs the fault drills: at 20 % of the run Redis is killed (SIGKILL) and
-//! restarted a second later; at 60 % the second node is drained with SIGTERM (it must exit
-//! 0) and started again, while its clients go back to the main API for a URL on the other.
+//! with `--drills` it runs the fault drills: from 20 % of the run the bus is interrupted three
+//! ways — every node's Redis connection killed, Redis paused for 6 s (both replayed: nothing
+//! is excused for them), Redis killed and restarted empty (a reset: every node wakes all) —;
+//! at 60 % the second node is drained with SIGTERM (it must exit 0) and started again, while
+//! its clients go back to the main API for a URL on the other.
 //!
 //! Small `--ttl`, `--retry-timeout` and `--max-retries` make reconnects, retirements and
 //! expiries happen all the time. At the end every client leaves, and the run checks that
@@ -87,7 +89,8 @@
 //! - `client`: a client's life over raw HTTP/1.1 (the test kit's client).
 //! - `publish`: the main API's publisher, and the bus tracker.
 //! - `checker`: the ledger of obligations and the rule above.
-//! - `drills`: Redis killed and restarted; a node drained and restarted.
+//! - `drills`: the bus drills (connections killed, Redis paused, Redis restarted empty); a
+//!   node drained and restarted.
 //! - `report`: the figures, the JSON report and the verdict.
 //! - here: the flags, the shared state, and the run from start to verdict.
 
@@ -115,7 +118,7 @@ use tokio::time::{Instant, sleep};
 
 use checker::{Book, Kind, Ledger};
 use client::{Life, client};
-use drills::{drain_drill, redis_drill};
+use drills::{bus_drills, drain_drill};
 use node::Node;
 use nudge_testkit::redis::RedisServer;
 use publish::{publisher, tracker};
@@ -169,8 +172,9 @@ struct Args {
     /// Nodes sharing one Redis bus (1 or 2; 2 starts a `redis-server` of its own).
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// Fault drills (needs `--nodes 2`): Redis killed and restarted at 20 % of the run, the
-    /// second node drained with SIGTERM and restarted at 60 % while its clients move.
+    /// Fault drills (needs `--nodes 2`): the bus drills from 20 % of the run (connections
+    /// killed, Redis paused, Redis restarted empty), the second node drained with SIGTERM and
+    /// restarted at 60 % while its clients move.
     #[arg(long)]
     drills: bool,
     /// The Redis server binary for `--nodes 2`.
@@ -571,9 +575,11 @@ async fn run(args: Args) -> Result<bool, String> {
         sleep(Duration::from_millis(100)).await;
         ctx.ledger.scan();
         if args.drills && redis_task.is_none() && Instant::now() >= redis_drill_at {
-            eprintln!("soak: drill: Redis killed and restarted");
+            eprintln!(
+                "soak: drills: Redis connections killed, Redis paused, Redis restarted empty"
+            );
             let r = redis.take().expect("started with --nodes 2");
-            redis_task = Some(tokio::spawn(redis_drill(ctx.clone(), r)));
+            redis_task = Some(tokio::spawn(bus_drills(ctx.clone(), r)));
         }
         if args.drills && drain_task.is_none() && Instant::now() >= drain_drill_at {
             eprintln!("soak: drill: node-b drained with SIGTERM and restarted");
@@ -635,7 +641,7 @@ async fn run(args: Args) -> Result<bool, String> {
             _ => ctx
                 .drill_failures
                 .lock()
-                .push("redis drill did not finish".to_owned()),
+                .push("bus drills did not finish".to_owned()),
         }
     }
     if let Some(t) = drain_task {
