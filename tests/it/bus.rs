@@ -994,7 +994,7 @@ async fn a_sentinel_failover_under_load_loses_nothing_the_new_primary_holds() {
             .is_some_and(|p| p.starts_with(&barrier))
     })
     .await;
-    let mut newest = vec![0u64; TOPICS];
+    let mut newest = [0u64; TOPICS];
     for (_, fields) in &entries {
         let Some(m) = fields.chunks(2).find(|f| f[0] == "m").map(|f| &f[1]) else {
             continue;
