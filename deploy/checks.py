@@ -37,6 +37,8 @@ METRICS = {
     "nudge_parked_polls", "nudge_channels", "nudge_topics",
     "nudge_open_connections", "nudge_bus_connected", "nudge_polls_total",
     "nudge_publishes_total", "nudge_wakeups_total", "nudge_bus_gaps_total",
+    "nudge_bus_entries_replayed_total", "nudge_bus_stalls_total",
+    "nudge_bus_lag_seconds_bucket", "nudge_bus_lag_seconds_sum", "nudge_bus_lag_seconds_count",
     "nudge_fanout_seconds_bucket", "nudge_fanout_seconds_sum",
     "nudge_fanout_seconds_count",
     "process_resident_memory_bytes", "process_open_fds", "process_max_fds",
