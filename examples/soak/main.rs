@@ -72,12 +72,20 @@
 //! With a bus, a publish answered `200` is in Redis, not yet applied on the nodes, and a
 //! busy node may apply it long after: the `max_retries` case above counts a loss only when
 //! the client's node had *said* it had applied the change before the poll was sent (the
-//! `tracker` asks every node, through probe channels polled with `stream_position`). A change
-//! published around a gap in the bus (from 1 s before Redis is killed until the nodes' 2 s
-//! gap spread after the last one resubscribed is over) is due `--deadline` after that
-//! spread: until a node has resubscribed it cannot know of the change, and until its
-//! spread is over a parked poll may be out of its channel's list, waiting for its spread
-//! `new_change` (docs/scaling-out.md, "When something dies").
+//! `tracker` asks every node, through probe channels polled with `stream_position`). Gaps that
+//! the nodes replay (connections killed, Redis paused) get no allowance at all: a change
+//! published during one is due `--deadline` after it was sent, like any other. Only the reset
+//! drill (Redis restarted empty: the stream is gone and every node wakes all) has a window:
+//! a change published from 1 s before Redis is killed until 2 s after the last node is back
+//! is due `--deadline` after that: until a node is back it cannot know of the change, and
+//! while it wakes all a parked poll may be out of its channel's list, waiting for its turn
+//! (docs/scaling-out.md, "When something dies").
+//!
+//! **Spurious wake-ups** are counted too: a `new_change` received by a client when no
+//! publish on any of its topics was sent since its previous `new_change` (or the start of
+//! its life), less 2 s (a publish sent just before an answer may reach the channel after it,
+//! and leave its mark). Outside the reset drill's window there should be none: a replayed
+//! gap touches only the channels its entries concern.
 //!
 //! An obligation not discharged within `--deadline` (2 s) is **lost**. The clock runs from
 //! `s` and stops while the client deliberately pauses between polls (a paused client is not
