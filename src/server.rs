@@ -37,6 +37,7 @@ use crate::http::watched::Watched;
 use crate::hub::{Hub, HubConfig};
 use crate::listen::{accept_loop, bind, default_max_parked};
 use crate::metrics::Metrics;
+use crate::state_dir::StateDir;
 
 pub use crate::listen::{StartError, raise_open_files_limit};
 
@@ -94,6 +95,9 @@ impl Server {
             .map(|bus| Bus::new(bus, hub.clone()))
             .transpose()
             .map_err(StartError::Config)?;
+        if let Some(dir) = &config.state_dir {
+            restore(dir, &hub, bus.as_deref());
+        }
         let public = bind(config.listen)?;
         let internal = bind(config.internal_listen)?;
         let public_addr = public
@@ -161,8 +165,13 @@ impl Server {
         let (tls, public_state, internal_state) =
             (self.tls, self.public_state, self.internal_state);
         let sweeper = hub.spawn_sweeper(SWEEP_EVERY);
-        // With a bus, `/readyz` stays 503 until its first subscription is up.
-        let bus_task = self.bus.map(|bus| tokio::spawn(bus.run()));
+        let bus = self.bus;
+        let saver = config
+            .state_dir
+            .as_ref()
+            .map(|dir| dir.spawn_saver(hub.clone(), bus.clone(), config.state_interval));
+        // With a bus, `/readyz` stays 503 until its first read is done.
+        let bus_task = bus.clone().map(|bus| tokio::spawn(bus.run()));
 
         // Three drains, in the order they begin: accepting public connections, the public
         // connections themselves, and the internal listener with its connections.
@@ -267,6 +276,16 @@ impl Server {
             answered,
             "parked polls answered; waiting for connections to close"
         );
+        // The state as the drain left it: every channel, none with a parked poll.
+        drop(saver);
+        if let Some(dir) = &config.state_dir {
+            let (dir, hub, bus) = (dir.clone(), hub.clone(), bus.clone());
+            match tokio::task::spawn_blocking(move || dir.save(&hub, bus.as_deref())).await {
+                Ok(Ok(())) => info!("state written for the next start"),
+                Ok(Err(e)) => warn!(error = %e, "state not written at the drain"),
+                Err(e) => warn!(error = %e, "state not written at the drain"),
+            }
+        }
         if tokio::time::timeout(CLOSE_GRACE, public_conns.all_gone())
             .await
             .is_err()
@@ -286,4 +305,36 @@ impl Server {
         info!("drained");
         Ok(())
     }
+}
+
+/// Restores what the previous process of this node left in `--state-dir`: its channels
+/// (those whose ttl has not run out) and, with a bus, the position to read on from. Without
+/// one (or without a usable position) every restored channel is marked pending: nobody
+/// knows what was published while the node was down.
+fn restore(dir: &StateDir, hub: &Hub, bus: Option<&Bus>) {
+    let Some(snapshot) = dir.load() else {
+        return;
+    };
+    let resumed = match (bus, &snapshot.bus_position) {
+        (Some(bus), Some(position)) => match bus.resume_from(position) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "the state's bus position is unusable: restored channels are marked pending");
+                false
+            }
+        },
+        _ => false,
+    };
+    let done = hub.restore(&snapshot.hub, !resumed);
+    hub.metrics()
+        .state_restored_channels
+        .set(done.channels as i64);
+    info!(
+        channels = done.channels,
+        skipped = done.skipped,
+        positions = done.positions,
+        age_ms = crate::hub::now_ms().saturating_sub(snapshot.hub.taken_at_ms),
+        bus_position = ?snapshot.bus_position.filter(|_| resumed),
+        "state restored"
+    );
 }

@@ -27,6 +27,7 @@ mod not_live;
 mod poll;
 mod publish;
 mod registry;
+mod snapshot;
 mod topics;
 
 use std::collections::HashMap;
@@ -46,6 +47,7 @@ use topics::Topics;
 
 pub use poll::{HeldPoll, ParkedPoll};
 pub use registry::Sweeper;
+pub use snapshot::{ChannelState, HubState, Restored, now_ms};
 
 pub use crate::answer::Answer;
 use crate::id::{ChannelId, IdHasher};

@@ -19,5 +19,6 @@ mod queued;
 mod races;
 mod raw;
 mod semantics;
+mod state_dir;
 mod support;
 mod tools;
