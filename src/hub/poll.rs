@@ -41,6 +41,8 @@ impl Hub {
             drop(shard);
             return self.poll_not_live(id_text);
         };
+        // Every way on from here changes the channel (its mark, its ttl clock, a waiter).
+        self.note_change();
         // A poll answered at once ends now: the ttl clock starts again from here (SPEC §3,
         // "from the end of its last poll"), unless another poll is parked and holds it.
         if let Some(seen) = req.stream_position {
@@ -152,6 +154,7 @@ impl Hub {
         let mut shard = self.shard(id).lock();
         let ch = shard.get_mut(&id)?;
         ch.take_waiter(key)?;
+        self.note_change();
         ch.reconnects = ch.reconnects.saturating_add(1);
         ch.touch_if_idle(Instant::now());
         self.count_parked(-1);
@@ -166,6 +169,7 @@ impl Hub {
         rx: &mut oneshot::Receiver<Delivery>,
     ) {
         let mut shard = self.shard(id).lock();
+        self.note_change();
         if let Some(ch) = shard.get_mut(&id)
             && ch.take_waiter(key).is_some()
         {
@@ -246,6 +250,7 @@ impl ParkedPoll {
         }
         if let Some(ch) = self.hub.shard(self.id).lock().get_mut(&self.id) {
             ch.pending.mark(None);
+            self.hub.note_change();
         }
     }
 
