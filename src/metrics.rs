@@ -51,6 +51,9 @@ pub struct Metrics {
     pub state_snapshot_seconds: Gauge,
     /// `nudge_state_snapshot_bytes`: the last one's size.
     pub state_snapshot_bytes: IntGauge,
+    /// `nudge_state_snapshot_channels`: channels in the last one, what a restart now
+    /// would bring back.
+    pub state_snapshot_channels: IntGauge,
     /// `nudge_state_restored_channels`: channels restored from `--state-dir` at start.
     pub state_restored_channels: IntGauge,
     /// `nudge_fanout_seconds`: from a publish's arrival to its last answer handed over.
@@ -248,6 +251,10 @@ impl Metrics {
             state_snapshot_bytes: gauge(
                 "nudge_state_snapshot_bytes",
                 "The size of the last snapshot written to --state-dir.",
+            ),
+            state_snapshot_channels: gauge(
+                "nudge_state_snapshot_channels",
+                "Channels in the last snapshot written to --state-dir: what a restart would restore.",
             ),
             state_restored_channels: gauge(
                 "nudge_state_restored_channels",

@@ -119,6 +119,8 @@ impl StateDir {
         m.state_snapshot_seconds
             .set(started.elapsed().as_secs_f64());
         m.state_snapshot_bytes.set(bytes as i64);
+        m.state_snapshot_channels
+            .set(snapshot.hub.channels.len() as i64);
         debug!(channels = snapshot.hub.channels.len(), bytes, took = ?started.elapsed(), "state written");
         Ok(())
     }

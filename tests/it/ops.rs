@@ -118,6 +118,7 @@ async fn metrics_have_every_spec_name_and_no_channel_or_topic_label() {
         ("nudge_state_snapshots_total", "counter"),
         ("nudge_state_snapshot_seconds", "gauge"),
         ("nudge_state_snapshot_bytes", "gauge"),
+        ("nudge_state_snapshot_channels", "gauge"),
         ("nudge_state_restored_channels", "gauge"),
         ("nudge_registrations_refused_total", "counter"),
         ("nudge_positions_refused_total", "counter"),
