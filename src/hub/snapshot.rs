@@ -315,6 +315,38 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_stops_at_max_channels() {
+        let a = hub();
+        for n in 0..3 {
+            a.register(Registration {
+                topics: vec![format!("t{n}")],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let small = Hub::with_caps(
+            a.config().clone(),
+            crate::hub::Caps {
+                max_channels: 2,
+                max_topic_bytes: 1 << 20,
+            },
+            Arc::new(Metrics::new(prometheus::Registry::new(), false)),
+        );
+        let done = small.restore(&a.snapshot(), true);
+        assert_eq!((done.channels, done.skipped), (2, 1));
+        assert_eq!(small.counts().channels, 2);
+        // The cap holds for registrations after it too.
+        assert!(
+            small
+                .register(Registration {
+                    topics: vec!["more".into()],
+                    ..Default::default()
+                })
+                .is_err()
+        );
+    }
+
+    #[test]
     fn expired_channels_stay_out_and_unknown_ones_are_marked_pending_on_request() {
         let a = hub();
         let id = a
