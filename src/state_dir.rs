@@ -5,8 +5,10 @@
 //! - Written every `--state-interval` by a thread of its own (never a tokio worker), and
 //!   never more often than ten times what the last write took, so that even a million
 //!   channels cost at most a tenth of a core; and once more at the end of a drain. Only
-//!   when something changed ([`Hub::take_changed`], or a new bus position), or once every
-//!   [`REFRESH`]: an idle node does not rewrite (and sync) the same file every 2 s.
+//!   when something changed ([`Hub::take_changed`], or a new bus position): an idle node
+//!   does not rewrite (and sync) the same file every 2 s. Nothing in the file goes stale
+//!   by itself: expiries are wall-clock times, and a channel with a parked poll is written
+//!   without one (it gets its ttl when restored).
 //! - Atomic: written to `nudge.state.tmp` (mode 0600: channel ids are credentials), synced,
 //!   renamed over `nudge.state`, and the directory synced. A crash leaves the old file or
 //!   the new one, never half of one.
@@ -31,11 +33,6 @@ use crate::wire::snapshot::{self, Snapshot};
 
 const FILE: &str = "nudge.state";
 const TMP: &str = "nudge.state.tmp";
-
-/// An idle node still rewrites its snapshot this often: a channel with a parked poll is
-/// written with its full ttl from the snapshot's time, so the file must not grow much older
-/// than that while the poll stays parked.
-pub const REFRESH: Duration = Duration::from_secs(60);
 
 /// The state directory of a node.
 #[derive(Clone, Debug)]
@@ -128,7 +125,7 @@ impl StateDir {
     /// Writes the state every `every` (at least ten times the last write's duration apart)
     /// on a thread of its own, until the returned [`Saver`] is dropped; a tick at which
     /// nothing changed (no registration, poll, publish, expiry, nor a new bus position)
-    /// writes nothing, except once every [`REFRESH`].
+    /// writes nothing.
     pub fn spawn_saver(&self, hub: Arc<Hub>, bus: Option<Arc<Bus>>, every: Duration) -> Saver {
         let (stop, stopped) = mpsc::channel::<()>();
         let dir = self.clone();
@@ -137,8 +134,8 @@ impl StateDir {
             .spawn(move || {
                 let mut wait = every;
                 let mut failing = false;
-                // When the last good write was, and the bus position it held.
-                let mut written: Option<(Instant, Option<String>)> = None;
+                // The bus position the last good write held.
+                let mut written: Option<Option<String>> = None;
                 loop {
                     match stopped.recv_timeout(wait) {
                         Err(RecvTimeoutError::Timeout) => {}
@@ -149,9 +146,7 @@ impl StateDir {
                     let changed = hub.take_changed();
                     let due = changed
                         || failing
-                        || written.as_ref().is_none_or(|(at, pos)| {
-                            at.elapsed() >= REFRESH || *pos != position
-                        });
+                        || written.as_ref().is_none_or(|pos| *pos != position);
                     if !due {
                         wait = every;
                         continue;
@@ -163,7 +158,7 @@ impl StateDir {
                                 info!("state written again");
                                 failing = false;
                             }
-                            written = Some((started, position));
+                            written = Some(position);
                         }
                         Err(e) => {
                             if !failing {

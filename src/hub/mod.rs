@@ -47,7 +47,7 @@ use topics::Topics;
 
 pub use poll::{HeldPoll, ParkedPoll};
 pub use registry::Sweeper;
-pub use snapshot::{ChannelState, HubState, Restored, now_ms};
+pub use snapshot::{ChannelState, HubState, PARKED, Restored, now_ms};
 
 pub use crate::answer::Answer;
 use crate::id::{ChannelId, IdHasher};

@@ -48,10 +48,15 @@ pub struct ChannelState {
     pub reconnects: u32,
     /// Its pending mark: set, set by a publish without a position, newest position.
     pub pending: (bool, bool, u64),
-    /// When it expires without a poll. A channel with parked polls had no expiry: it gets
-    /// `ttl` from the moment the snapshot was taken.
+    /// When it expires without a poll; [`PARKED`] for a channel with parked polls, which
+    /// has no expiry: it gets its full `ttl` from the moment it is restored (its polls
+    /// ended with the process that held them; the file may be up to a minute older than
+    /// that, see `state_dir`).
     pub expires_at_ms: u64,
 }
+
+/// [`ChannelState::expires_at_ms`] of a channel that had parked polls.
+pub const PARKED: u64 = u64::MAX;
 
 /// What [`Hub::restore`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,9 +85,9 @@ impl Hub {
         for shard in self.channels.iter() {
             let shard = shard.lock();
             for (id, ch) in shard.iter() {
-                let expires_in = ch
-                    .idle_deadline
-                    .map_or(ch.limits.ttl, |at| at.saturating_duration_since(now));
+                let expires_at_ms = ch.idle_deadline.map_or(PARKED, |at| {
+                    now_ms + at.saturating_duration_since(now).as_millis() as u64
+                });
                 channels.push(ChannelState {
                     id: id.to_string(),
                     topics: ch.topics.iter().map(|t| t.to_string()).collect(),
@@ -93,7 +98,7 @@ impl Hub {
                     max_retries: ch.limits.max_retries,
                     reconnects: ch.reconnects,
                     pending: ch.pending.parts(),
-                    expires_at_ms: now_ms + expires_in.as_millis() as u64,
+                    expires_at_ms,
                 });
             }
         }
@@ -175,6 +180,7 @@ impl Hub {
         if mark_pending {
             pending.mark(None);
         }
+        // `PARKED` comes out as the full ttl.
         let expires_in = Duration::from_millis(c.expires_at_ms - now_ms).min(limits.ttl);
         let channel = Channel {
             topics,
@@ -312,6 +318,31 @@ mod tests {
         b.take_changed();
         b.restore(&a.snapshot(), false);
         assert!(b.take_changed(), "a restore");
+    }
+
+    #[test]
+    fn a_channel_parked_at_the_snapshot_gets_its_full_ttl_from_the_restore() {
+        let a = hub();
+        let id = a
+            .register(Registration {
+                topics: vec!["t".into()],
+                ttl: Some(Duration::from_secs(30)),
+                ..Default::default()
+            })
+            .unwrap()
+            .id
+            .to_string();
+        let parked = a.poll(&id, crate::hub::PollRequest::default());
+        assert!(matches!(parked, crate::hub::PollStart::Park(_)));
+        let mut state = a.snapshot();
+        assert_eq!(state.channels[0].expires_at_ms, PARKED);
+        // However old the file: the poll ended with the process that held it.
+        state.taken_at_ms -= 3_600_000;
+        let b = hub();
+        assert_eq!(b.restore(&state, true).channels, 1);
+        let left = b.channel_info(&id).unwrap().expires_in_seconds.unwrap();
+        assert!((29.0..=30.0).contains(&left), "{left}");
+        drop(parked);
     }
 
     #[test]
