@@ -42,6 +42,8 @@ struct Obligation {
     gap: bool,
     /// The client's paused clock when the obligation was recorded.
     paused_at_start: Duration,
+    /// The phase of the run the publish was sent in (an index into `Ledger::phases`).
+    phase: usize,
 }
 
 /// One client's side of the ledger.
@@ -136,6 +138,11 @@ pub struct Counts {
     /// outside a wake-all's window, and inside it.
     pub spurious: AtomicU64,
     pub spurious_in_wake_all: AtomicU64,
+    /// Obligations that the reset drill's window alone kept from being lost: discharged (or
+    /// dropped at leave) past `--deadline` after the publish but within the window, or
+    /// excused at `max_retries` although the node had applied the change. The rule is to
+    /// lose this window (issue 12.8); until then this says what dropping it would cost.
+    pub excused_gap: AtomicU64,
     pub lost: AtomicU64,
     /// Of the lost: delivered after the deadline after all, and never delivered.
     pub late: AtomicU64,
@@ -159,6 +166,8 @@ pub struct Ledger {
     bus_gap: Mutex<Option<(Instant, Option<Instant>)>>,
     gap_latency_max: Mutex<Duration>,
     lost: Mutex<Vec<String>>,
+    /// The drills' phases and what each saw. Taken after a book's lock, never before.
+    phases: Mutex<Phases>,
     /// Per topic, when a publish on it was last sent (microseconds since `started`): sent,
     /// not answered, since a publish that timed out may still have reached Redis.
     last_sent: Vec<AtomicU64>,
@@ -167,6 +176,63 @@ pub struct Ledger {
 
 /// One node's answers to the tracker: (when it answered, the newest position it had applied).
 type AppliedLog = Vec<(Instant, u64)>;
+
+/// A drill's stretch of the run, from when it began until it ended (or `None`: still on).
+struct Span {
+    name: &'static str,
+    start: Instant,
+    end: Option<Instant>,
+}
+
+/// What happened in one phase of the run: the drills that were on (several may overlap
+/// in a short run), or none.
+#[derive(Clone, Debug, Default)]
+pub struct PhaseCounts {
+    /// `+`-joined names of the drills that were on, or `no drill`.
+    pub name: String,
+    /// Obligations created by a publish sent in the phase.
+    pub obligations: u64,
+    /// Of those, lost.
+    pub lost: u64,
+    /// Of those, kept from being lost only by the reset drill's window (`excused_gap`).
+    pub excused: u64,
+    /// Spurious `new_change` answers received in the phase (inside a wake-all's window too).
+    pub spurious: u64,
+}
+
+/// The phases, as the drills open and close them; counts per distinct set of drills on.
+#[derive(Default)]
+struct Phases {
+    spans: Vec<Span>,
+    counts: Vec<PhaseCounts>,
+}
+
+impl Phases {
+    /// The index in `counts` of the phase at `t`.
+    fn at(&mut self, t: Instant) -> usize {
+        let on: Vec<&str> = self
+            .spans
+            .iter()
+            .filter(|s| s.start <= t && s.end.is_none_or(|end| t <= end))
+            .map(|s| s.name)
+            .collect();
+        let name = if on.is_empty() {
+            "no drill".to_owned()
+        } else {
+            on.join("+")
+        };
+        match self.counts.iter().position(|c| c.name == name) {
+            Some(i) => i,
+            None => {
+                self.counts.push(PhaseCounts {
+                    name,
+                    ..PhaseCounts::default()
+                });
+                self.counts.len() - 1
+            }
+        }
+    }
+}
 
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
@@ -191,6 +257,7 @@ impl Ledger {
             bus_gap: Mutex::new(None),
             gap_latency_max: Mutex::new(Duration::ZERO),
             lost: Mutex::new(Vec::new()),
+            phases: Mutex::new(Phases::default()),
             last_sent: (0..topics).map(|_| AtomicU64::new(0)).collect(),
             started: Instant::now(),
         }
@@ -239,13 +306,71 @@ impl Ledger {
             .checked_sub(Duration::from_secs(1))
             .unwrap_or_else(Instant::now);
         *self.bus_gap.lock() = Some((start, None));
+        self.phases.lock().spans.push(Span {
+            name: "reset",
+            start,
+            end: None,
+        });
     }
 
     /// Every node has resubscribed.
     pub fn bus_gap_end(&self) {
+        let now = Instant::now();
         if let Some((_, end)) = self.bus_gap.lock().as_mut() {
-            *end = Some(Instant::now());
+            *end = Some(now);
         }
+        // The window, and so the phase, lasts until the nodes' gap spread is over.
+        self.phase_end("reset", now + GAP_SPREAD);
+    }
+
+    /// A drill named `name` begins now (its publishes and answers are counted apart).
+    pub fn phase_begin(&self, name: &'static str) {
+        self.phases.lock().spans.push(Span {
+            name,
+            start: Instant::now(),
+            end: None,
+        });
+    }
+
+    /// The drill named `name` that is still on ends at `at`.
+    pub fn phase_end(&self, name: &'static str, at: Instant) {
+        let mut phases = self.phases.lock();
+        if let Some(span) = phases
+            .spans
+            .iter_mut()
+            .rev()
+            .find(|s| s.name == name && s.end.is_none())
+        {
+            span.end = Some(at);
+        }
+    }
+
+    fn phase_at(&self, t: Instant) -> usize {
+        self.phases.lock().at(t)
+    }
+
+    /// Adds to the counts of phase `phase`.
+    fn phase_bump(&self, phase: usize, f: impl FnOnce(&mut PhaseCounts)) {
+        if let Some(c) = self.phases.lock().counts.get_mut(phase) {
+            f(c);
+        }
+    }
+
+    /// An obligation of a publish sent in `phase` was created.
+    fn obligation(&self, phase: usize) {
+        bump(&self.counts.obligations);
+        self.phase_bump(phase, |c| c.obligations += 1);
+    }
+
+    /// An obligation was kept from being lost by the reset window alone.
+    fn excused_gap(&self, o: &Obligation) {
+        bump(&self.counts.excused_gap);
+        self.phase_bump(o.phase, |c| c.excused += 1);
+    }
+
+    /// What each phase saw, in the order the phases first occurred.
+    pub fn phase_counts(&self) -> Vec<PhaseCounts> {
+        self.phases.lock().counts.clone()
     }
 
     /// How long an obligation has been running against its deadline, and that deadline.
@@ -290,6 +415,7 @@ impl Ledger {
 
     fn record_lost(&self, slot: usize, b: &Book, o: &Obligation, why: &str, now: Instant) {
         bump(&self.counts.lost);
+        self.phase_bump(o.phase, |c| c.lost += 1);
         let mut lost = self.lost.lock();
         if lost.len() < 20 {
             lost.push(format!(
@@ -330,6 +456,7 @@ impl Ledger {
 
     /// A publish was answered `200`: record what it owes.
     pub fn published(&self, p: &Published) {
+        let phase = self.phase_at(p.sent);
         for &slot in &self.by_topic[p.topic as usize] {
             let mut b = self.books[slot].lock();
             if !b.live || !b.wants(p.stream_type) {
@@ -342,13 +469,14 @@ impl Ledger {
                 answered: p.answered,
                 gap: self.in_bus_gap(p.sent),
                 paused_at_start: b.paused_clock(p.answered),
+                phase,
             };
             match b.kind {
                 Kind::Cursor => {
                     if b.cursor >= p.position {
                         // Fetched already: before the publish was sent (the node may skip
                         // this wake-up, SPEC §3) or after a new_change that came since.
-                        bump(&self.counts.obligations);
+                        self.obligation(phase);
                         match b.last_fetch {
                             Some(f) if f > p.sent => {
                                 bump(&self.counts.woken);
@@ -364,7 +492,7 @@ impl Ledger {
                     if b.channel_since.is_none_or(|since| since > p.sent) {
                         continue;
                     }
-                    bump(&self.counts.obligations);
+                    self.obligation(phase);
                     if let Some(at) = b.last_new_change.filter(|&at| at > p.sent) {
                         bump(&self.counts.woken);
                         self.discharge(at - p.sent);
@@ -381,7 +509,7 @@ impl Ledger {
                     continue;
                 }
             }
-            bump(&self.counts.obligations);
+            self.obligation(phase);
             if obligation.gap {
                 bump(&self.counts.gap_obligations);
             }
@@ -407,6 +535,8 @@ impl Ledger {
                 } else {
                     bump(&self.counts.spurious);
                 }
+                let phase = self.phase_at(now);
+                self.phase_bump(phase, |c| c.spurious += 1);
             }
         }
         match b.kind {
@@ -427,6 +557,9 @@ impl Ledger {
                         .saturating_sub(o.paused_at_start),
                 );
                 if o.gap {
+                    if latency > self.deadline {
+                        self.excused_gap(&o);
+                    }
                     let mut max = self.gap_latency_max.lock();
                     *max = (*max).max(latency);
                 } else {
@@ -482,7 +615,11 @@ impl Ledger {
         for o in obligations {
             // Around a bus gap a node may never have seen the change; it marks the channels
             // that are still live when it resubscribes, and a retired one is not.
-            if !o.gap && self.applied_before(node, &o, poll_sent) {
+            let applied = self.applied_before(node, &o, poll_sent);
+            if o.gap && applied {
+                self.excused_gap(&o);
+            }
+            if !o.gap && applied {
                 self.record_lost(
                     slot,
                     &b,
@@ -531,6 +668,9 @@ impl Ledger {
                 self.record_lost(slot, &b, &o, "no new_change within the deadline", now);
                 bump(&self.counts.never);
             } else {
+                if o.gap && b.elapsed(&o, now) > self.deadline {
+                    self.excused_gap(&o);
+                }
                 bump(&self.counts.dropped_at_leave);
             }
         }

@@ -26,17 +26,20 @@ const RESET: &str = r#"nudge_bus_gaps_total{cause="reset",repair="woke_all"}"#;
 pub(crate) async fn bus_drills(ctx: Arc<Ctx>, mut redis: RedisServer) -> Option<RedisServer> {
     let started = Instant::now();
     let before = gap_counts(&ctx, REPLAYED).await;
+    ctx.ledger.phase_begin("kill");
     match redis_cmd(redis.port(), &["CLIENT", "KILL", "TYPE", "normal"]).await {
         Ok(_) => {}
         Err(e) => ctx.drill_failures.lock().push(format!("kill drill: {e}")),
     }
     let killed = wait_gaps(&ctx, REPLAYED, &before, "kill drill").await;
+    ctx.ledger.phase_end("kill", Instant::now());
     ctx.drill_notes.lock().push(format!(
         "Redis connections killed: every node replayed (no wake-all) within {killed:.2}s"
     ));
 
     let before = gap_counts(&ctx, REPLAYED).await;
     let paused = Instant::now();
+    ctx.ledger.phase_begin("pause");
     if !redis.signal("STOP") {
         ctx.drill_failures
             .lock()
@@ -45,6 +48,7 @@ pub(crate) async fn bus_drills(ctx: Arc<Ctx>, mut redis: RedisServer) -> Option<
     sleep(Duration::from_secs(6)).await;
     redis.signal("CONT");
     let replayed = wait_gaps(&ctx, REPLAYED, &before, "pause drill").await;
+    ctx.ledger.phase_end("pause", Instant::now());
     ctx.drill_notes.lock().push(format!(
         "Redis paused 6 s: every node replayed (no wake-all) {:.2}s after the pause began",
         replayed + 6.0f64.min(paused.elapsed().as_secs_f64())
@@ -179,6 +183,7 @@ pub(crate) async fn drain_drill(
         nodes[index].addrs.epoch
     };
     let started = Instant::now();
+    ctx.ledger.phase_begin("drain");
     node.sigterm();
     let exit = node.wait_exit(Duration::from_secs(20)).await;
     let drained = started.elapsed();
@@ -188,7 +193,9 @@ pub(crate) async fn drain_drill(
             .push(format!("drain drill: {} exited {exit:?}", node.name));
     }
     let name = format!("{}-restarted", node.name);
-    match Node::start(&name, &bin, &args, log, &ctx.http).await {
+    let restarted = Node::start(&name, &bin, &args, log, &ctx.http).await;
+    ctx.ledger.phase_end("drain", Instant::now());
+    match restarted {
         Ok(new) => {
             ctx.nodes.write()[index] = NodeSlot {
                 addrs: NodeAddrs {

@@ -87,6 +87,11 @@
 //! and leave its mark). Outside the reset drill's window there should be none: a replayed
 //! gap touches only the channels its entries concern.
 //!
+//! The report splits obligations, losses, spurious wake-ups and what the reset window
+//! excused (`excused`: obligations that only that window kept from being lost) by **phase**:
+//! the drill that was on when the publish was sent or the answer came (`kill`, `pause`,
+//! `reset`, `drain`, joined by `+` when a short run overlaps them), or `no drill`.
+//!
 //! An obligation not discharged within `--deadline` (2 s) is **lost**. The clock runs from
 //! `s` and stops while the client deliberately pauses between polls (a paused client is not
 //! polling, so nothing can reach it); it does not stop for anything nudge does. Obligations

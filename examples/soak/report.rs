@@ -197,7 +197,32 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
             g(&c.never)
         );
     }
-    println!("lost: {lost}");
+    let phases = ctx.ledger.phase_counts();
+    if phases.len() > 1 {
+        println!(
+            "  by phase     (publishes by when they were sent, spurious answers by when they came; overlapping drills are joined by +)"
+        );
+        println!(
+            "    {:<22} {:>11} {:>6} {:>9} {:>8}",
+            "phase", "obligations", "lost", "spurious", "excused"
+        );
+        for p in &phases {
+            println!(
+                "    {:<22} {:>11} {:>6} {:>9} {:>8}",
+                p.name, p.obligations, p.lost, p.spurious, p.excused
+            );
+        }
+    }
+    let (spurious, spurious_wake_all, excused) = (
+        g(&c.spurious),
+        g(&c.spurious_in_wake_all),
+        g(&c.excused_gap),
+    );
+    // `excused`: kept from being lost only by the reset drill's window (checker.rs,
+    // `Counts::excused_gap`): what the checker would count lost without that allowance.
+    println!(
+        "lost: {lost}  spurious: {spurious} (+{spurious_wake_all} in a wake-all's window)  excused: {excused} (by the reset window alone)"
+    );
 
     let mut failures = Vec::new();
     if lost > 0 {
@@ -235,6 +260,12 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
             "polls": g(&f.polls), "node_polls": node_polls, "publishes": g(&f.publishes),
             "wakes": g(&f.new_change), "obligations": g(&c.obligations), "woken": g(&c.woken),
             "lost": lost,
+            "spurious": spurious, "spurious_in_wake_all": spurious_wake_all,
+            "excused_gap": excused,
+            "phases": phases.iter().map(|p| json!({
+                "phase": p.name, "obligations": p.obligations, "lost": p.lost,
+                "spurious": p.spurious, "excused": p.excused,
+            })).collect::<Vec<_>>(),
             "latency_ms": percentiles.map(|p| p.iter().map(|d| d.as_secs_f64() * 1000.0).collect::<Vec<_>>()),
             "rss_mib": [mib(o.rss_baseline), mib(o.rss_peak), mib(o.rss_after)],
             "failures": failures,
