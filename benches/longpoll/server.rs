@@ -335,7 +335,9 @@ impl Server {
     /// The subscribe path of the warm-up polls (one channel on [`WARM_TOPIC`]).
     pub async fn warm_paths(&mut self) -> Result<Arc<Vec<String>>, String> {
         let paths = match self.kind {
-            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => self.register(|_| WARM_TOPIC.to_owned(), 1).await?,
+            Kind::Nudge | Kind::NudgeOneThread | Kind::Floor => {
+                self.register(|_| WARM_TOPIC.to_owned(), 1).await?
+            }
             Kind::Nchan { .. } => vec![format!("/sub?channel={WARM_TOPIC}")],
         };
         Ok(Arc::new(paths))
@@ -355,7 +357,9 @@ impl Server {
             (Kind::Nudge | Kind::NudgeOneThread | Kind::Floor, Scenario::OneTopicChannelEach) => {
                 self.register(|_| FAN_TOPIC.to_owned(), n).await?
             }
-            (Kind::Nudge | Kind::NudgeOneThread | Kind::Floor, Scenario::NTopics) => self.register(topic_name, n).await?,
+            (Kind::Nudge | Kind::NudgeOneThread | Kind::Floor, Scenario::NTopics) => {
+                self.register(topic_name, n).await?
+            }
             (Kind::Nchan { .. }, Scenario::OneTopic) => vec![format!("/sub?channel={FAN_TOPIC}")],
             (Kind::Nchan { .. }, Scenario::OneTopicChannelEach) => (0..n)
                 .map(|i| format!("/sub_multi?channel={FAN_TOPIC}&own=c{i}"))

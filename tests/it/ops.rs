@@ -136,7 +136,10 @@ async fn metrics_have_every_spec_name_and_no_channel_or_topic_label() {
         .iter()
         .flat_map(|(_, l, _)| l.keys().map(String::as_str))
         .collect();
-    assert_eq!(labels, BTreeSet::from(["cause", "le", "outcome", "path", "repair", "source"]));
+    assert_eq!(
+        labels,
+        BTreeSet::from(["cause", "le", "outcome", "path", "repair", "source"])
+    );
     assert!(!text.contains(&ch.id) && !text.contains("user:4242"));
     // The figures say what happened.
     assert_eq!(m.value("nudge_channels", None), 1.0);
