@@ -21,3 +21,4 @@ mod raw;
 mod semantics;
 mod support;
 mod tools;
+mod upgrade;

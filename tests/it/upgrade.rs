@@ -1,0 +1,402 @@
+//! The upgrade in place on the real binary (issue 13.1, 13.2, 13.5, 13.7): `SIGUSR2` hands
+//! the listeners, the parked fast-path polls and the hub to the binary at the path the node
+//! was started from; a bad binary there changes nothing.
+//!
+//! The node is started through a symlink in a temporary directory, as a deploy would have
+//! it: repointing the symlink is "deploying" a new binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nudge_testkit::Node;
+use nudge_testkit::node::{FREE_PORTS, Options};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::support::http_client;
+use crate::tools::TempDir;
+use nudge_testkit::raw;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nudge");
+
+/// A node started from `dir/nudge` (a symlink), with a pid file; follows the upgrades.
+struct Deployed {
+    dir: TempDir,
+    node: Node,
+    http: reqwest::Client,
+    /// Pids of processes that took over, killed at the end.
+    successors: Vec<u32>,
+}
+
+impl Deployed {
+    fn start(flags: &[&str]) -> Deployed {
+        let dir = TempDir::new("upgrade");
+        let exe = dir.path().join("nudge");
+        std::os::unix::fs::symlink(BIN, &exe).unwrap();
+        let pid_file = dir.path().join("nudge.pid");
+        let mut command = Command::new(&exe);
+        command
+            .args(FREE_PORTS)
+            .arg("--pid-file")
+            .arg(&pid_file)
+            .args(flags)
+            .env("RUST_LOG", "info");
+        let node = Node::spawn(command, Options::default()).unwrap_or_else(|e| panic!("{e}"));
+        Deployed {
+            dir,
+            node,
+            http: http_client(Duration::from_secs(30)),
+            successors: Vec::new(),
+        }
+    }
+
+    fn public(&self) -> SocketAddr {
+        self.node.public
+    }
+
+    fn exe(&self) -> PathBuf {
+        self.dir.path().join("nudge")
+    }
+
+    /// "Deploys" `target` (a file) as the node's binary.
+    fn deploy(&self, target: &Path) {
+        let tmp = self.dir.path().join("nudge.new");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        std::fs::rename(&tmp, self.exe()).unwrap();
+    }
+
+    /// A script deployed as the binary.
+    fn deploy_script(&self, name: &str, body: &str) {
+        let path = self.dir.write(name, format!("#!/bin/sh\n{body}\n"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        self.deploy(&path);
+    }
+
+    fn pid_in_file(&self) -> Option<u32> {
+        std::fs::read_to_string(self.dir.path().join("nudge.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let res = self
+            .http
+            .post(format!("http://{}{path}", self.node.internal))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(res.status().is_success(), "{path}: {}", res.status());
+        res.json().await.unwrap()
+    }
+
+    async fn register(&self, topic: &str) -> String {
+        let body = self
+            .post("/v1/channels", json!({ "topics": [topic] }))
+            .await;
+        body["channel"].as_str().unwrap().to_owned()
+    }
+
+    async fn publish(&self, topic: &str) -> Value {
+        self.post("/v1/publish", json!({ "topic": topic })).await
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .http
+            .get(format!("http://{}/metrics", self.node.internal))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        crate::support::metric_sample(&text, name)
+    }
+
+    /// `SIGUSR2`, then waits for the old process to exit 0 and the pid file to name the new
+    /// one; returns the new pid.
+    async fn upgrade(&mut self) -> u32 {
+        let old = self.node.pid();
+        assert!(self.node.signal("USR2"));
+        let status = self
+            .node
+            .exited(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("the old process did not exit: {:?}", self.node.logs()));
+        assert!(
+            status.success(),
+            "old process: {status}; {:?}",
+            self.node.logs()
+        );
+        let new = self
+            .pid_in_file()
+            .expect("the pid file names the new process");
+        assert_ne!(new, old);
+        self.successors.push(new);
+        new
+    }
+}
+
+impl Drop for Deployed {
+    fn drop(&mut self) {
+        nudge_testkit::node::signal(&self.successors, "KILL");
+    }
+}
+
+/// `n` raw polls parked on the channels (`per` each), each on its own connection.
+async fn park(node: &Deployed, channels: &[String], per: usize) -> Vec<raw::Conn> {
+    let mut conns = Vec::new();
+    for id in channels {
+        for _ in 0..per {
+            let mut conn = raw::Conn::connect(node.public()).await.unwrap();
+            conn.send(raw::get(&format!("/subscribe?channel={id}"), "").as_bytes())
+                .await
+                .unwrap();
+            conns.push(conn);
+        }
+    }
+    let want = (channels.len() * per) as f64;
+    let until = Instant::now() + Duration::from_secs(10);
+    while node.metric("nudge_parked_polls").await < want {
+        assert!(Instant::now() < until, "polls not parked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    conns
+}
+
+/// No poll has an answer yet.
+fn none_answered(conns: &mut [raw::Conn]) -> usize {
+    conns.iter_mut().filter_map(|c| c.try_complete()).count()
+}
+
+/// Every poll is answered `new_change` within a few seconds.
+async fn all_new_change(conns: &mut [raw::Conn]) {
+    for (i, conn) in conns.iter_mut().enumerate() {
+        let answer = tokio::time::timeout(Duration::from_secs(10), conn.read_response())
+            .await
+            .unwrap_or_else(|_| panic!("poll {i} not answered"))
+            .unwrap_or_else(|e| panic!("poll {i}: {e}"));
+        assert_eq!(answer.status, 200, "poll {i}");
+        assert_eq!(
+            answer.body_text(),
+            r#"{"message":"new_change"}"#,
+            "poll {i}"
+        );
+    }
+}
+
+/// Connects to `addr` in a loop (bounded) until stopped; counts refusals and successes.
+fn connect_loop(addr: SocketAddr) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(usize, usize)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let (mut refused, mut ok) = (0, 0);
+        let until = Instant::now() + Duration::from_secs(60);
+        while !flag.load(Ordering::Relaxed) && Instant::now() < until {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        (refused, ok)
+    });
+    (stop, task)
+}
+
+#[tokio::test]
+async fn sigusr2_hands_over_listeners_and_parked_polls_to_the_new_binary() {
+    let mut node = Deployed::start(&[]);
+    let mut channels = Vec::new();
+    for _ in 0..50 {
+        channels.push(node.register("t").await);
+    }
+    let mut conns = park(&node, &channels, 4).await;
+    let (stop, connecting) = connect_loop(node.public());
+    let old = node.node.pid();
+
+    let new = node.upgrade().await;
+
+    assert_eq!(
+        none_answered(&mut conns),
+        0,
+        "a parked poll was answered by the handover"
+    );
+    node.node
+        .wait_log(&format!("pid={new}"), Duration::from_secs(5));
+    // The new process holds every poll, and knows every channel.
+    assert_eq!(node.metric("nudge_parked_polls").await, 200.0);
+    assert_eq!(node.metric("nudge_channels").await, 50.0);
+    let report = node.publish("t").await;
+    assert_eq!(report["woken"], 200, "{report}");
+    all_new_change(&mut conns).await;
+    stop.store(true, Ordering::Relaxed);
+    let (refused, ok) = connecting.await.unwrap();
+    assert_eq!(
+        refused, 0,
+        "connection attempts refused during the handover"
+    );
+    assert!(ok > 0);
+    assert!(
+        node.node
+            .logs()
+            .iter()
+            .any(|l| l.contains("connections handed over") && l.contains("moved=200")),
+        "{:?}",
+        node.node.logs()
+    );
+    assert_ne!(old, new);
+}
+
+#[tokio::test]
+async fn a_bad_binary_changes_nothing_and_the_next_good_one_takes_over() {
+    let mut node = Deployed::start(&["--upgrade-timeout", "2s"]);
+    let channel = node.register("t").await;
+    let mut conns = park(&node, std::slice::from_ref(&channel), 4).await;
+    let old = node.node.pid();
+
+    // A binary that exits 1 at once, one that never connects, one that is not there.
+    node.deploy_script("exits", "exit 1");
+    assert!(node.node.signal("USR2"));
+    node.node
+        .wait_log("upgrade abandoned", Duration::from_secs(10));
+    node.deploy_script("hangs", "exec sleep 60");
+    assert!(node.node.signal("USR2"));
+    let until = Instant::now() + Duration::from_secs(10);
+    while node
+        .node
+        .logs()
+        .iter()
+        .filter(|l| l.contains("upgrade abandoned"))
+        .count()
+        < 2
+    {
+        assert!(Instant::now() < until, "{:?}", node.node.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.deploy(&node.dir.path().join("missing"));
+    assert!(node.node.signal("USR2"));
+    let until = Instant::now() + Duration::from_secs(10);
+    while node
+        .node
+        .logs()
+        .iter()
+        .filter(|l| l.contains("upgrade abandoned"))
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < until, "{:?}", node.node.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The old process serves on: still running, same pid file, polls still parked and
+    // unanswered, and new registrations and polls work.
+    assert!(node.node.try_exit().is_none());
+    assert_eq!(node.pid_in_file(), Some(old));
+    assert_eq!(none_answered(&mut conns), 0);
+    assert_eq!(node.metric("nudge_parked_polls").await, 4.0);
+    let second = node.register("u").await;
+    let mut more = park(&node, std::slice::from_ref(&second), 1).await;
+    assert_eq!(
+        node.metric("nudge_upgrades_total{result=\"abandoned\"}")
+            .await,
+        3.0
+    );
+
+    // The real binary again: it takes over, and every poll is answered from there.
+    node.deploy(Path::new(BIN));
+    node.upgrade().await;
+    assert_eq!(none_answered(&mut conns), 0);
+    node.publish("t").await;
+    node.publish("u").await;
+    all_new_change(&mut conns).await;
+    all_new_change(&mut more).await;
+}
+
+#[tokio::test]
+async fn publishes_registrations_revocations_and_polls_racing_the_handover_lose_nothing() {
+    let mut node = Deployed::start(&[]);
+    let mut channels = Vec::new();
+    for _ in 0..20 {
+        channels.push(node.register("race").await);
+    }
+    let mut conns = park(&node, &channels, 2).await;
+    let internal = node.node.internal;
+    let public = node.public();
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    // Registrations and revocations on the internal listener, and fresh polls (answered at
+    // once with dont_block) on the public one, in bounded loops across the handover: each
+    // gets an answer from one process or the other, never an error.
+    let mut tasks = Vec::new();
+    for worker in 0..3 {
+        let (stop, failures) = (stop.clone(), failures.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = http_client(Duration::from_secs(30));
+            let until = Instant::now() + Duration::from_secs(30);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                n += 1;
+                let ok = match worker {
+                    0 => http
+                        .post(format!("http://{internal}/v1/channels"))
+                        .json(&json!({ "topics": [format!("other-{n}")], "subject": "s" }))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                    1 => http
+                        .post(format!("http://{internal}/v1/revoke"))
+                        .json(&json!({ "subject": "s" }))
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success()),
+                    _ => {
+                        let conn = raw::Conn::connect(public).await;
+                        match conn {
+                            Ok(mut conn) => {
+                                let req = raw::get(
+                                    "/subscribe?channel=AAAAAAAAAAAAAAAAAAAAAA&dont_block=true",
+                                    "",
+                                );
+                                conn.send(req.as_bytes()).await.is_ok()
+                                    && tokio::time::timeout(
+                                        Duration::from_secs(10),
+                                        conn.read_response(),
+                                    )
+                                    .await
+                                    .is_ok_and(|r| r.is_ok())
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                };
+                if !ok {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.upgrade().await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "requests failed across the handover"
+    );
+    assert_eq!(none_answered(&mut conns), 0);
+    node.publish("race").await;
+    all_new_change(&mut conns).await;
+}
