@@ -52,7 +52,7 @@ pub struct Metrics {
     /// `nudge_upgrade_connections_total{outcome}`: public connections at an upgrade in
     /// place, `moved` to the new process or `drained` (answered as in a drain: TLS, hyper).
     pub upgrade_connections_total: IntCounterVec,
-    /// `nudge_upgrades_total{result}`: upgrades in place begun here, by result
+    /// `nudge_upgrades_total{outcome}`: upgrades in place begun here, by outcome
     /// (`handed_over`, `abandoned`: the new binary failed and this process kept serving).
     pub upgrades_total: IntCounterVec,
     /// `polls_total` for new_change, reconnect, max_retries, no_change, in that order.
@@ -192,9 +192,9 @@ impl Metrics {
                     IntCounterVec::new(
                         Opts::new(
                             "nudge_upgrades_total",
-                            "Upgrades in place begun on this node, by result (handed_over, abandoned).",
+                            "Upgrades in place begun on this node, by outcome (handed_over, abandoned).",
                         ),
-                        &["result"],
+                        &["outcome"],
                     )
                     .unwrap(),
                 );

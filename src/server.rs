@@ -311,11 +311,18 @@ impl Server {
             }
         }
 
-        let (hub, public_conns) = (hub, acceptor.public_conns.clone());
+        let Acceptor {
+            public,
+            internal,
+            public_conns,
+            ..
+        } = acceptor;
         info!(drain_period = ?config.drain_period, "draining");
         hub.begin_drain();
         round.public_accept.signal();
         let _ = round.public_task.await;
+        // Closed: new connections are refused, and the load balancer sends them elsewhere.
+        drop(public);
         // Close keep-alive connections now, not after the spread: an idle one would
         // otherwise bring a poll that is answered `reconnect` at once, and its client would
         // come straight back on the same connection, round and round, instead of going to
@@ -337,6 +344,7 @@ impl Server {
         }
         round.internal_accept.signal();
         let _ = round.internal_task.await;
+        drop(internal);
         round.internal_conns.signal();
         let _ = tokio::time::timeout(CLOSE_GRACE, round.internal_conns.all_gone()).await;
         drop(sweeper);

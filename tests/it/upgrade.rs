@@ -307,7 +307,7 @@ async fn a_bad_binary_changes_nothing_and_the_next_good_one_takes_over() {
     let second = node.register("u").await;
     let mut more = park(&node, std::slice::from_ref(&second), 1).await;
     assert_eq!(
-        node.metric("nudge_upgrades_total{result=\"abandoned\"}")
+        node.metric("nudge_upgrades_total{outcome=\"abandoned\"}")
             .await,
         3.0
     );
