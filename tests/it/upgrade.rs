@@ -400,3 +400,76 @@ async fn publishes_registrations_revocations_and_polls_racing_the_handover_lose_
     node.publish("race").await;
     all_new_change(&mut conns).await;
 }
+
+/// The hub's side of the handover, racing publishes (bounded rounds): a publish that lands
+/// before the sweep answers the poll `new_change` in the old process; one after it finds no
+/// waiter and leaves the pending mark that the snapshot carries. Never neither, never both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_a_publish_racing_the_detach_is_answered_or_left_pending_never_lost() {
+    use nudge::hub::{Outcome, PollRequest, PollStart, Publish, Registration};
+    let limits = nudge::hub::Limits {
+        ttl: Duration::from_secs(600),
+        retry_timeout: Duration::from_secs(60),
+        max_retries: 10,
+    };
+    let (mut answered, mut pending) = (0, 0);
+    for _ in 0..300 {
+        let (hub, _) = crate::support::hub(limits, 1000);
+        let id = hub
+            .register(Registration {
+                topics: vec!["t".into()],
+                ..Default::default()
+            })
+            .unwrap()
+            .id
+            .to_string();
+        let PollStart::Park(mut parked) = hub.poll(&id, PollRequest::default()) else {
+            panic!("parks")
+        };
+        let publisher = {
+            let hub = hub.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                hub.publish(
+                    &[Publish {
+                        topic: "t".into(),
+                        position: None,
+                        stream_type: None,
+                    }],
+                    "api",
+                )
+            })
+        };
+        let detached = hub.detach_parked();
+        publisher.await.unwrap();
+        let outcome = {
+            let mut park_time = std::pin::pin!(tokio::time::sleep_until(parked.deadline()));
+            std::future::poll_fn(|cx| parked.poll_outcome(park_time.as_mut(), cx)).await
+        };
+        let info = hub.channel_info(&id).unwrap();
+        match outcome {
+            Outcome::Answer(answer) => {
+                assert_eq!(answer, nudge::hub::Answer::NewChange);
+                assert!(!info.pending, "answered and pending: applied twice");
+                assert_eq!(detached.polls, 0);
+                answered += 1;
+            }
+            Outcome::Handover(token) => {
+                assert!(
+                    info.pending,
+                    "detached and not pending: the publish is lost"
+                );
+                assert_eq!(detached.polls, 1);
+                drop(token);
+                pending += 1;
+            }
+        }
+        // Whatever happened, a poll now is not started (the node is moving).
+        assert!(matches!(
+            hub.poll(&id, PollRequest::default()),
+            PollStart::Moving
+        ));
+        drop(parked);
+    }
+    assert_eq!(answered + pending, 300);
+}
