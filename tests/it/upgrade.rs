@@ -473,3 +473,63 @@ async fn hub_a_publish_racing_the_detach_is_answered_or_left_pending_never_lost(
     }
     assert_eq!(answered + pending, 300);
 }
+
+/// With a bus, the new process reads on from the old one's position: a publish appended
+/// while the old one's reader is stopped is applied once, by the new process.
+#[tokio::test]
+async fn with_a_bus_the_new_process_reads_on_from_the_old_ones_position() {
+    let redis = nudge_testkit::redis::RedisServer::start("redis-server")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut node = Deployed::start(&["--redis-url", &redis.url()]);
+    node.wait_ready().await;
+    let channels = vec![node.register("t").await, node.register("t").await];
+    let mut conns = park(&node, &channels, 2).await;
+    // Publishes keep coming during the handover: each lands in the stream, and the one
+    // process reading at that moment applies it.
+    let internal = node.node.internal;
+    let publishing = tokio::spawn(async move {
+        let http = http_client(Duration::from_secs(30));
+        let mut ok = 0;
+        for _ in 0..200 {
+            let res = http
+                .post(format!("http://{internal}/v1/publish"))
+                .json(&json!({ "topic": "elsewhere" }))
+                .send()
+                .await;
+            if res.is_ok_and(|r| r.status().is_success()) {
+                ok += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        ok
+    });
+    node.upgrade().await;
+    assert_eq!(
+        publishing.await.unwrap(),
+        200,
+        "publishes failed across the handover"
+    );
+    assert_eq!(none_answered(&mut conns), 0);
+    node.wait_ready().await;
+    node.publish("t").await;
+    all_new_change(&mut conns).await;
+}
+
+impl Deployed {
+    async fn wait_ready(&self) {
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let res = self
+                .http
+                .get(format!("http://{}/readyz", self.node.internal))
+                .send()
+                .await;
+            if res.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(Instant::now() < until, "not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
