@@ -76,12 +76,16 @@ impl Hub {
             },
         });
         let mut detached = Vec::new();
+        let now = tokio::time::Instant::now();
         for shard in self.channels.iter() {
             let mut shard = shard.lock();
             for ch in shard.values_mut() {
                 if !ch.waiters.is_empty() {
                     self.count_parked(-(ch.waiters.len() as i64));
                     detached.extend(ch.waiters.drain(..).map(|w| w.tx));
+                    // Its ttl runs from here, as after any poll: a channel whose client
+                    // leaves during the handover still expires (`repark` stops the clock).
+                    ch.touch_if_idle(now);
                 }
             }
         }
