@@ -107,7 +107,7 @@ async fn main() {
 
     // The new process holds them all: publish once and read every answer.
     let mut api = Client::new(node.internal);
-    wait_parked(&mut api, polls).await;
+    let parked_after = parked_within(&mut api, polls, Duration::from_secs(10)).await;
     let new_kb = nudge_testkit::memory::memory(new_pid).unwrap().rss_kb;
     let published = Instant::now();
     api.request(
@@ -135,7 +135,7 @@ async fn main() {
     println!("  old pid {old_pid} exited {status}; new pid {new_pid}");
     println!("  handover (SIGUSR2 to the old process's exit): {handover:?}");
     println!("  old process's log: {logged}");
-    println!("  early answers: {early}");
+    println!("  early answers: {early}; parked on the new process: {parked_after}");
     println!(
         "  new_change: {new_change}  other answers: {other}  errors: {errors}  (in {answered_in:?})"
     );
@@ -146,7 +146,7 @@ async fn main() {
     println!(
         "{}",
         serde_json::json!({
-            "polls": polls, "handover_ms": handover.as_millis() as u64, "early": early,
+            "polls": polls, "handover_ms": handover.as_millis() as u64, "early": early, "parked_after": parked_after,
             "new_change": new_change, "other": other, "errors": errors,
             "refused": refused, "connected": connected, "bytes_per_poll": per_poll.round(),
         })
@@ -163,7 +163,13 @@ async fn main() {
 }
 
 async fn wait_parked(api: &mut Client, polls: usize) {
-    let until = Instant::now() + Duration::from_secs(120);
+    let parked = parked_within(api, polls, Duration::from_secs(120)).await;
+    assert_eq!(parked, polls, "only {parked} of {polls} polls parked");
+}
+
+/// The parked polls once there are `polls` of them, or at `within`.
+async fn parked_within(api: &mut Client, polls: usize, within: Duration) -> usize {
+    let until = Instant::now() + within;
     loop {
         let res = api.request("GET", "/metrics", None, b"").await.unwrap();
         let parked = res
@@ -172,13 +178,9 @@ async fn wait_parked(api: &mut Client, polls: usize) {
             .find_map(|l| l.strip_prefix("nudge_parked_polls "))
             .and_then(|v| v.parse::<f64>().ok())
             .unwrap_or(0.0);
-        if parked as usize >= polls {
-            return;
+        if parked as usize >= polls || Instant::now() >= until {
+            return parked as usize;
         }
-        assert!(
-            Instant::now() < until,
-            "only {parked} of {polls} polls parked"
-        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
