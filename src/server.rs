@@ -531,10 +531,11 @@ async fn upgrade_in_place(
         Some(bus) => bus.stop().await,
         None => None,
     };
+    // The collector first: a parked poll reports to it as soon as the hub detaches it.
+    let mut moving = acceptor.fast.as_ref().map(|fast| fast.begin_moving());
     let detached = hub.detach_parked();
     let mut collected = Vec::new();
-    if let Some(fast) = &acceptor.fast {
-        let mut moving = fast.begin_moving();
+    if let (Some(fast), Some(moving)) = (&acceptor.fast, &mut moving) {
         let reported = async {
             detached.dealt_with().await;
             fast.all_reported().await;

@@ -319,6 +319,71 @@ async fn a_bad_binary_changes_nothing_and_the_next_good_one_takes_over() {
     node.upgrade().await;
 }
 
+/// A new process that gets past `hello` (the old one has stopped accepting and taken its
+/// parked polls off the hub) and then dies, or hangs: the old one takes every connection
+/// back, parks its polls again, and serves on; a publish then answers them all, once.
+#[tokio::test]
+async fn a_new_process_that_fails_after_hello_gives_everything_back() {
+    let mut node = Deployed::start(&["--upgrade-timeout", "2s"]);
+    let channels = vec![node.register("t").await, node.register("t").await];
+    let mut conns = park(&node, &channels, 3).await;
+    let old = node.node.pid();
+    // A "binary" that speaks the first steps of the handover: hello, read the header, then
+    // exit 3 (or hang, and be killed at --upgrade-timeout).
+    let halfway = |then: &str| {
+        format!(
+            r#"exec python3 -c '
+import json, os, socket, struct, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["NUDGE_UPGRADE_FROM"])
+hello = json.dumps({{"kind": "hello", "protocol": 1, "pid": os.getpid()}}).encode()
+s.sendall(struct.pack("<Q", len(hello)) + hello)
+n = struct.unpack("<Q", s.recv(8, socket.MSG_WAITALL))[0]
+s.recv(n, socket.MSG_WAITALL)
+{then}'"#
+        )
+    };
+    for (round, then) in [(1, "sys.exit(3)"), (2, "time.sleep(60)")] {
+        node.deploy_script(&format!("halfway{round}"), &halfway(then));
+        assert!(node.node.signal("USR2"));
+        let until = Instant::now() + Duration::from_secs(10);
+        while node
+            .node
+            .logs()
+            .iter()
+            .filter(|l| l.contains("upgrade abandoned"))
+            .count()
+            < round
+        {
+            assert!(Instant::now() < until, "{:?}", node.node.logs());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(node.node.try_exit().is_none());
+        assert_eq!(node.pid_in_file(), Some(old));
+        let early: Vec<String> = conns
+            .iter_mut()
+            .filter_map(|c| c.try_complete())
+            .map(|r| r.body_text())
+            .collect();
+        assert!(
+            early.is_empty(),
+            "round {round}: answered by the failed handover: {early:?} {:?}",
+            node.node.logs()
+        );
+        assert_eq!(
+            node.metric("nudge_parked_polls").await,
+            6.0,
+            "polls not parked again"
+        );
+    }
+    let report = node.publish("t").await;
+    assert_eq!(report["woken"], 6, "{report}");
+    all_new_change(&mut conns).await;
+    // And it still accepts.
+    let fresh = node.register("u").await;
+    park(&node, std::slice::from_ref(&fresh), 1).await;
+}
+
 /// What moves without the hub's state: the listeners (no refusal; the new process serves
 /// the internal API and new polls) and every fast-path connection (the old process's log
 /// counts them; the new one answers them).
