@@ -41,6 +41,7 @@ mod svg;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use nudge_testkit::settings::{env, env_list, env_number};
 use serde_json::json;
 
 use crate::load::Pace;
@@ -88,29 +89,6 @@ struct Settings {
     /// Where the pictures go: `NUDGE_BENCH_SVG_DIR`, else the JSON's directory.
     svg_dir: Option<PathBuf>,
     run: RunSettings,
-}
-
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
-}
-
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match env(name) {
-        Some(text) => text.trim().parse().unwrap_or_else(|_| {
-            eprintln!("bench: {name}={text} is not a number");
-            std::process::exit(64)
-        }),
-        None => default,
-    }
-}
-
-fn env_list(name: &str, default: &str) -> Vec<String> {
-    env(name)
-        .unwrap_or_else(|| default.to_owned())
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
 }
 
 impl Settings {

@@ -27,7 +27,8 @@ NUDGE_ENV = {
     "NUDGE_MAX_POLLS_PER_CHANNEL", "NUDGE_DRAIN_PERIOD",
     "NUDGE_HEADER_READ_TIMEOUT", "NUDGE_REDIS_URL", "NUDGE_REDIS_STREAM",
     "NUDGE_REDIS_SENTINEL", "NUDGE_REDIS_MASTER_NAME", "NUDGE_BUS_RETENTION",
-    "NUDGE_BUS_MAX_ENTRIES", "NUDGE_GAP_WAKE_RATE",
+    "NUDGE_BUS_MAX_ENTRIES", "NUDGE_GAP_WAKE_RATE", "NUDGE_STATE_DIR",
+    "NUDGE_STATE_INTERVAL",
     "NUDGE_INTERNAL_TOKEN_FILE", "NUDGE_CORS_ORIGIN", "NUDGE_LOG_FORMAT",
     "NUDGE_TLS_CERT", "NUDGE_TLS_KEY",
 }
@@ -37,6 +38,8 @@ METRICS = {
     "nudge_parked_polls", "nudge_channels", "nudge_topics",
     "nudge_open_connections", "nudge_bus_connected", "nudge_polls_total",
     "nudge_publishes_total", "nudge_wakeups_total", "nudge_bus_gaps_total",
+    "nudge_bus_entries_replayed_total", "nudge_bus_stalls_total",
+    "nudge_bus_lag_seconds_bucket", "nudge_bus_lag_seconds_sum", "nudge_bus_lag_seconds_count",
     "nudge_fanout_seconds_bucket", "nudge_fanout_seconds_sum",
     "nudge_fanout_seconds_count",
     "process_resident_memory_bytes", "process_open_fds", "process_max_fds",

@@ -90,6 +90,14 @@ pub struct Args {
     /// second, so that their clients do not call the main API all at once.
     #[arg(long, env = "NUDGE_GAP_WAKE_RATE", default_value_t = 1000)]
     pub gap_wake_rate: u32,
+    /// Keep a snapshot of the node's channels and bus position in this directory, and
+    /// restore it at start: a node that crashed comes back knowing every channel.
+    #[arg(long, env = "NUDGE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// How often the snapshot in --state-dir is written (at most; a large one waits ten
+    /// times what it took to write).
+    #[arg(long, env = "NUDGE_STATE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub state_interval: Duration,
     /// File holding the bearer token of the internal listener.
     #[arg(long, env = "NUDGE_INTERNAL_TOKEN_FILE")]
     pub internal_token_file: Option<PathBuf>,
@@ -156,6 +164,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// `--redis-*` and `--bus-*`; `None`: a single node, no bus.
     pub bus: Option<BusConfig>,
+    /// `--state-dir`, checked (it exists or was made, and is writable).
+    pub state_dir: Option<crate::state_dir::StateDir>,
+    /// `--state-interval`.
+    pub state_interval: Duration,
     /// The internal bearer token, read from `--internal-token-file`.
     pub internal_token: Option<Token>,
     /// `--cors-origin`, split at commas.
@@ -287,6 +299,14 @@ impl Config {
             crate::bus::check_url(url)?;
         }
         let bus = bus_config(&a)?;
+        if a.state_interval < Duration::from_millis(100) {
+            return Err("--state-interval must be at least 100ms".into());
+        }
+        let state_dir = a
+            .state_dir
+            .as_deref()
+            .map(crate::state_dir::StateDir::open)
+            .transpose()?;
         let internal_token = match &a.internal_token_file {
             None => None,
             Some(path) => {
@@ -334,6 +354,8 @@ impl Config {
             drain_period: a.drain_period,
             header_read_timeout: a.header_read_timeout,
             bus,
+            state_dir,
+            state_interval: a.state_interval,
             internal_token,
             cors_origins: a
                 .cors_origin

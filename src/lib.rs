@@ -14,9 +14,10 @@
 //! - [`config`]: flags with `NUDGE_*` twins, validated before anything is bound;
 //!   [`logging`], [`signal`], [`pid_file`]: the process around it; [`upgrade`]: handing
 //!   the listeners, the fast-path connections and the hub to a new binary (`SIGUSR2`).
-//! - [`bus`]: the Redis pub/sub bus that carries publishes and revocations between nodes.
+//! - [`bus`]: the Redis stream that carries publishes and revocations between nodes, and
+//!   replays what a node missed; [`state_dir`]: the node's state kept on disk for a restart.
 //! - [`wire`]: the bodies a main API sends (publish, registration, revocation, durations),
-//!   one parser for the HTTP routes, the bus and the fuzz targets.
+//!   one parser for the HTTP routes, the bus and the fuzz targets; the state file's format.
 //! - [`hub`]: channels, topics, parked polls, expiry: all the state, none of the I/O.
 //! - [`metrics`]: Prometheus metrics in a registry that is passed in, not global; the hub
 //!   writes them and never reads them back.
@@ -43,6 +44,7 @@ pub mod metrics;
 pub mod pid_file;
 pub mod server;
 pub mod signal;
+pub mod state_dir;
 pub mod tls;
 pub mod upgrade;
 pub mod wire;

@@ -3,7 +3,7 @@
 //! or a topic.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
@@ -45,6 +45,14 @@ pub struct Metrics {
     /// Registered only when a bus is configured: a node without one has nothing to be
     /// disconnected from, and must not trip a "bus down" alert.
     pub bus_connected: IntGauge,
+    /// `nudge_state_snapshots_total`: snapshots written to `--state-dir`.
+    pub state_snapshots_total: IntCounter,
+    /// `nudge_state_snapshot_seconds`: how long the last one took to take and write.
+    pub state_snapshot_seconds: Gauge,
+    /// `nudge_state_snapshot_bytes`: the last one's size.
+    pub state_snapshot_bytes: IntGauge,
+    /// `nudge_state_restored_channels`: channels restored from `--state-dir` at start.
+    pub state_restored_channels: IntGauge,
     /// `nudge_fanout_seconds`: from a publish's arrival to its last answer handed over.
     pub fanout_seconds: Histogram,
     /// Requests on the public listener by who parsed them: `fast` or `hyper`.
@@ -260,6 +268,30 @@ impl Metrics {
                     "Times the bus reader's connection was open but gave no reply in time.",
                 )
                 .unwrap(),
+            ),
+            state_snapshots_total: reg(
+                &registry,
+                IntCounter::new(
+                    "nudge_state_snapshots_total",
+                    "Snapshots of the node's state written to --state-dir.",
+                )
+                .unwrap(),
+            ),
+            state_snapshot_seconds: reg(
+                &registry,
+                Gauge::new(
+                    "nudge_state_snapshot_seconds",
+                    "How long the last snapshot took to take and write.",
+                )
+                .unwrap(),
+            ),
+            state_snapshot_bytes: gauge(
+                "nudge_state_snapshot_bytes",
+                "The size of the last snapshot written to --state-dir.",
+            ),
+            state_restored_channels: gauge(
+                "nudge_state_restored_channels",
+                "Channels restored from --state-dir when the node started.",
             ),
             fanout_seconds: reg(
                 &registry,

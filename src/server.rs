@@ -38,6 +38,7 @@ use crate::hub::{Hub, HubConfig};
 use crate::listen::{accept_loop, bind, default_max_parked};
 use crate::metrics::Metrics;
 use crate::signal::Upgrades;
+use crate::state_dir::StateDir;
 use crate::upgrade::{Outgoing, Received, Role, Upgrade, raw};
 
 pub use crate::listen::{StartError, raise_open_files_limit};
@@ -112,7 +113,12 @@ impl Server {
             .map_err(StartError::Config)?;
         let mut adopted = Vec::new();
         let (public, internal) = match received {
-            None => (bind(config.listen)?, bind(config.internal_listen)?),
+            None => {
+                if let Some(dir) = &config.state_dir {
+                    restore(dir, &hub, bus.as_deref());
+                }
+                (bind(config.listen)?, bind(config.internal_listen)?)
+            }
             Some(received) => {
                 let inherited = crate::upgrade::restore(received, &hub, bus.as_deref())
                     .map_err(StartError::Config)?;
@@ -204,7 +210,11 @@ impl Server {
             mut upgrades,
         } = self;
         let sweeper = hub.spawn_sweeper(SWEEP_EVERY);
-        // With a bus, `/readyz` stays 503 until its first subscription is up.
+        let saver = config
+            .state_dir
+            .as_ref()
+            .map(|dir| dir.spawn_saver(hub.clone(), bus.clone(), config.state_interval));
+        // With a bus, `/readyz` stays 503 until its first read is done.
         let mut bus_task = bus.clone().map(|bus| tokio::spawn(bus.run()));
 
         // Public connections live across accept rounds (an upgrade that fails stops and
@@ -264,6 +274,9 @@ impl Server {
             }
             match upgrade_in_place(&config, &acceptor, round, &hub, bus.as_ref()).await {
                 Upgraded::HandedOver => {
+                    // The state directory is the new process's now: no more snapshots
+                    // from here, and none at the end (its next one is newer).
+                    drop(saver);
                     hub.metrics()
                         .upgrades_total
                         .with_label_values(&["handed_over"])
@@ -333,6 +346,16 @@ impl Server {
             answered,
             "parked polls answered; waiting for connections to close"
         );
+        // The state as the drain left it: every channel, none with a parked poll.
+        drop(saver);
+        if let Some(dir) = &config.state_dir {
+            let (dir, hub, bus) = (dir.clone(), hub.clone(), bus.clone());
+            match tokio::task::spawn_blocking(move || dir.save(&hub, bus.as_deref())).await {
+                Ok(Ok(())) => info!("state written for the next start"),
+                Ok(Err(e)) => warn!(error = %e, "state not written at the drain"),
+                Err(e) => warn!(error = %e, "state not written at the drain"),
+            }
+        }
         if tokio::time::timeout(CLOSE_GRACE, public_conns.all_gone())
             .await
             .is_err()
@@ -594,4 +617,36 @@ async fn upgrade_in_place(
             Upgraded::No(why, None)
         }
     }
+}
+
+/// Restores what the previous process of this node left in `--state-dir`: its channels
+/// (those whose ttl has not run out) and, with a bus, the position to read on from. Without
+/// one (or without a usable position) every restored channel is marked pending: nobody
+/// knows what was published while the node was down.
+fn restore(dir: &StateDir, hub: &Hub, bus: Option<&Bus>) {
+    let Some(snapshot) = dir.load() else {
+        return;
+    };
+    let resumed = match (bus, &snapshot.bus_position) {
+        (Some(bus), Some(position)) => match bus.resume_from(position) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "the state's bus position is unusable: restored channels are marked pending");
+                false
+            }
+        },
+        _ => false,
+    };
+    let done = hub.restore(&snapshot.hub, !resumed);
+    hub.metrics()
+        .state_restored_channels
+        .set(done.channels as i64);
+    info!(
+        channels = done.channels,
+        skipped = done.skipped,
+        positions = done.positions,
+        age_ms = crate::hub::now_ms().saturating_sub(snapshot.hub.taken_at_ms),
+        bus_position = ?snapshot.bus_position.filter(|_| resumed),
+        "state restored"
+    );
 }

@@ -13,9 +13,14 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-/// After a gap in its bus subscription a node answers its parked polls `new_change` spread
-/// over this window (src/bus/subscriber.rs, docs/scaling-out.md "When something dies").
+/// After a gap it cannot replay, a node answers its parked polls `new_change` at
+/// `--gap-wake-rate` (1,000 a second): the soak's few hundred parked polls within this window
+/// (src/bus/reader.rs, docs/scaling-out.md "When something dies").
 const GAP_SPREAD: Duration = Duration::from_secs(2);
+
+/// A publish sent this long before a client's previous `new_change` may still be what wakes
+/// it next (it reached the channel after that answer, and left its mark).
+const SPURIOUS_SLACK: Duration = Duration::from_secs(2);
 
 /// How a client follows changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,8 +37,8 @@ struct Obligation {
     /// The publish request was sent (the clock starts here) and answered.
     sent: Instant,
     answered: Instant,
-    /// Published around a gap in the bus (Redis drill): its clock starts when every node
-    /// has resubscribed and spread its wake-ups.
+    /// Published around the reset drill's gap: its clock starts when every node is back
+    /// and has woken its channels.
     gap: bool,
     /// The client's paused clock when the obligation was recorded.
     paused_at_start: Duration,
@@ -60,6 +65,9 @@ pub struct Book {
     obligations: Vec<Obligation>,
     /// Past the deadline (already counted lost); kept to tell late from never.
     overdue: Vec<Obligation>,
+    /// When it last got `new_change`, or started this life: a `new_change` with no publish
+    /// on its topics since (less [`SPURIOUS_SLACK`]) is spurious.
+    quiet_since: Option<Instant>,
 }
 
 impl Book {
@@ -78,6 +86,7 @@ impl Book {
             paused_since: None,
             obligations: Vec::new(),
             overdue: Vec::new(),
+            quiet_since: None,
         }
     }
 
@@ -123,6 +132,10 @@ pub struct Counts {
     pub applied_seen: AtomicU64,
     pub excused_node: AtomicU64,
     pub dropped_at_leave: AtomicU64,
+    /// `new_change` answers with no publish on the client's topics since its previous one:
+    /// outside a wake-all's window, and inside it.
+    pub spurious: AtomicU64,
+    pub spurious_in_wake_all: AtomicU64,
     pub lost: AtomicU64,
     /// Of the lost: delivered after the deadline after all, and never delivered.
     pub late: AtomicU64,
@@ -141,11 +154,15 @@ pub struct Ledger {
     pub counts: Counts,
     latencies_us: Mutex<Vec<u32>>,
     late_max: Mutex<Duration>,
-    /// The Redis drill's window: from a little before Redis was killed until every node had
-    /// resubscribed (`None` while still open).
+    /// The reset drill's window: from a little before Redis was killed until every node was
+    /// back (`None` while still open).
     bus_gap: Mutex<Option<(Instant, Option<Instant>)>>,
     gap_latency_max: Mutex<Duration>,
     lost: Mutex<Vec<String>>,
+    /// Per topic, when a publish on it was last sent (microseconds since `started`): sent,
+    /// not answered, since a publish that timed out may still have reached Redis.
+    last_sent: Vec<AtomicU64>,
+    started: Instant,
 }
 
 /// One node's answers to the tracker: (when it answered, the newest position it had applied).
@@ -174,6 +191,16 @@ impl Ledger {
             bus_gap: Mutex::new(None),
             gap_latency_max: Mutex::new(Duration::ZERO),
             lost: Mutex::new(Vec::new()),
+            last_sent: (0..topics).map(|_| AtomicU64::new(0)).collect(),
+            started: Instant::now(),
+        }
+    }
+
+    /// A publish on `topics` is about to be sent.
+    pub fn sending(&self, topics: impl IntoIterator<Item = u32>) {
+        let now = self.started.elapsed().as_micros() as u64;
+        for t in topics {
+            self.last_sent[t as usize].fetch_max(now, Ordering::Relaxed);
         }
     }
 
@@ -284,6 +311,7 @@ impl Ledger {
         b.channel_since = None;
         b.last_new_change = None;
         b.last_cancel = None;
+        b.quiet_since = Some(Instant::now());
         b.obligations.clear();
         self.forget_overdue(&mut b);
     }
@@ -366,6 +394,21 @@ impl Ledger {
         let now = Instant::now();
         let mut b = self.books[slot].lock();
         let b = &mut *b;
+        if let Some(since) = b.quiet_since.replace(now) {
+            let since = since.checked_sub(SPURIOUS_SLACK).unwrap_or(self.started);
+            let since = since.saturating_duration_since(self.started).as_micros() as u64;
+            let published = b
+                .topics
+                .iter()
+                .any(|&t| self.last_sent[t as usize].load(Ordering::Relaxed) >= since);
+            if !published {
+                if self.in_bus_gap(now) {
+                    bump(&self.counts.spurious_in_wake_all);
+                } else {
+                    bump(&self.counts.spurious);
+                }
+            }
+        }
         match b.kind {
             Kind::Cursor => {
                 b.cursor = b.cursor.max(head);

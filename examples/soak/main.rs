@@ -21,9 +21,11 @@
 //! - **a checker** that holds every publish against every client it concerns.
 //!
 //! With `--nodes 2` it also starts a `redis-server` of its own as the bus of two nodes, and
-//! with `--drills` it runs the fault drills: at 20 % of the run Redis is killed (SIGKILL) and
-//! restarted a second later; at 60 % the second node is drained with SIGTERM (it must exit
-//! 0) and started again, while its clients go back to the main API for a URL on the other.
+//! with `--drills` it runs the fault drills: from 20 % of the run the bus is interrupted three
+//! ways — every node's Redis connection killed, Redis paused for 6 s (both replayed: nothing
+//! is excused for them), Redis killed and restarted empty (a reset: every node wakes all) —;
+//! at 60 % the second node is drained with SIGTERM (it must exit 0) and started again, while
+//! its clients go back to the main API for a URL on the other.
 //!
 //! Small `--ttl`, `--retry-timeout` and `--max-retries` make reconnects, retirements and
 //! expiries happen all the time. At the end every client leaves, and the run checks that
@@ -70,12 +72,20 @@
 //! With a bus, a publish answered `200` is in Redis, not yet applied on the nodes, and a
 //! busy node may apply it long after: the `max_retries` case above counts a loss only when
 //! the client's node had *said* it had applied the change before the poll was sent (the
-//! `tracker` asks every node, through probe channels polled with `stream_position`). A change
-//! published around a gap in the bus (from 1 s before Redis is killed until the nodes' 2 s
-//! gap spread after the last one resubscribed is over) is due `--deadline` after that
-//! spread: until a node has resubscribed it cannot know of the change, and until its
-//! spread is over a parked poll may be out of its channel's list, waiting for its spread
-//! `new_change` (docs/scaling-out.md, "When something dies").
+//! `tracker` asks every node, through probe channels polled with `stream_position`). Gaps that
+//! the nodes replay (connections killed, Redis paused) get no allowance at all: a change
+//! published during one is due `--deadline` after it was sent, like any other. Only the reset
+//! drill (Redis restarted empty: the stream is gone and every node wakes all) has a window:
+//! a change published from 1 s before Redis is killed until 2 s after the last node is back
+//! is due `--deadline` after that: until a node is back it cannot know of the change, and
+//! while it wakes all a parked poll may be out of its channel's list, waiting for its turn
+//! (docs/scaling-out.md, "When something dies").
+//!
+//! **Spurious wake-ups** are counted too: a `new_change` received by a client when no
+//! publish on any of its topics was sent since its previous `new_change` (or the start of
+//! its life), less 2 s (a publish sent just before an answer may reach the channel after it,
+//! and leave its mark). Outside the reset drill's window there should be none: a replayed
+//! gap touches only the channels its entries concern.
 //!
 //! An obligation not discharged within `--deadline` (2 s) is **lost**. The clock runs from
 //! `s` and stops while the client deliberately pauses between polls (a paused client is not
@@ -87,7 +97,8 @@
 //! - `client`: a client's life over raw HTTP/1.1 (the test kit's client).
 //! - `publish`: the main API's publisher, and the bus tracker.
 //! - `checker`: the ledger of obligations and the rule above.
-//! - `drills`: Redis killed and restarted; a node drained and restarted.
+//! - `drills`: the bus drills (connections killed, Redis paused, Redis restarted empty); a
+//!   node drained and restarted.
 //! - `report`: the figures, the JSON report and the verdict.
 //! - here: the flags, the shared state, and the run from start to verdict.
 
@@ -115,7 +126,7 @@ use tokio::time::{Instant, sleep};
 
 use checker::{Book, Kind, Ledger};
 use client::{Life, client};
-use drills::{drain_drill, redis_drill};
+use drills::{bus_drills, drain_drill};
 use node::Node;
 use nudge_testkit::redis::RedisServer;
 use publish::{publisher, tracker};
@@ -169,8 +180,9 @@ struct Args {
     /// Nodes sharing one Redis bus (1 or 2; 2 starts a `redis-server` of its own).
     #[arg(long, default_value_t = 1)]
     nodes: usize,
-    /// Fault drills (needs `--nodes 2`): Redis killed and restarted at 20 % of the run, the
-    /// second node drained with SIGTERM and restarted at 60 % while its clients move.
+    /// Fault drills (needs `--nodes 2`): the bus drills from 20 % of the run (connections
+    /// killed, Redis paused, Redis restarted empty), the second node drained with SIGTERM and
+    /// restarted at 60 % while its clients move.
     #[arg(long)]
     drills: bool,
     /// The Redis server binary for `--nodes 2`.
@@ -571,9 +583,11 @@ async fn run(args: Args) -> Result<bool, String> {
         sleep(Duration::from_millis(100)).await;
         ctx.ledger.scan();
         if args.drills && redis_task.is_none() && Instant::now() >= redis_drill_at {
-            eprintln!("soak: drill: Redis killed and restarted");
+            eprintln!(
+                "soak: drills: Redis connections killed, Redis paused, Redis restarted empty"
+            );
             let r = redis.take().expect("started with --nodes 2");
-            redis_task = Some(tokio::spawn(redis_drill(ctx.clone(), r)));
+            redis_task = Some(tokio::spawn(bus_drills(ctx.clone(), r)));
         }
         if args.drills && drain_task.is_none() && Instant::now() >= drain_drill_at {
             eprintln!("soak: drill: node-b drained with SIGTERM and restarted");
@@ -635,7 +649,7 @@ async fn run(args: Args) -> Result<bool, String> {
             _ => ctx
                 .drill_failures
                 .lock()
-                .push("redis drill did not finish".to_owned()),
+                .push("bus drills did not finish".to_owned()),
         }
     }
     if let Some(t) = drain_task {

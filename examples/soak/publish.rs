@@ -68,6 +68,7 @@ pub(crate) async fn publisher(ctx: Arc<Ctx>, mut rng: fastrand::Rng) {
                 continue;
             };
             let sent = Instant::now();
+            ctx.ledger.sending(batch.iter().map(|&(topic, _, _)| topic));
             let res = ctx
                 .http
                 .post(format!("http://{}/v1/publish", node.internal))

@@ -100,6 +100,11 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
         g(&c.excused_node),
         g(&c.dropped_at_leave)
     );
+    println!(
+        "  spurious     {:>9}  new_change with no publish on the client's topics since its previous one ({} more inside a wake-all's window)",
+        g(&c.spurious),
+        g(&c.spurious_in_wake_all)
+    );
     if args.nodes > 1 {
         println!(
             "  bus tracker  {:>9} times a node was seen to have applied the newest publish",

@@ -69,9 +69,6 @@ pub struct BusConfig {
 /// Why a publish or a revocation could not go on the bus.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    /// Redis did not connect or answer within the timeout.
-    #[error("Redis did not answer in time")]
-    Timeout,
     /// No sentinel named a reachable primary.
     #[error("no primary: {0}")]
     NoPrimary(String),

@@ -52,6 +52,18 @@ impl Pending {
     pub fn clear(&mut self) {
         *self = Pending::default();
     }
+    /// `(set, unpositioned, max_position)`, for a snapshot.
+    pub fn parts(&self) -> (bool, bool, u64) {
+        (self.set, self.unpositioned, self.max_position)
+    }
+    /// Back from [`Pending::parts`].
+    pub fn from_parts((set, unpositioned, max_position): (bool, bool, u64)) -> Pending {
+        Pending {
+            set,
+            unpositioned: set && unpositioned,
+            max_position: if set { max_position } else { 0 },
+        }
+    }
     /// Drops a mark set only by positions the client has already seen (`<= seen`).
     pub fn drop_if_seen(&mut self, seen: u64) {
         if self.set && !self.unpositioned && self.max_position <= seen {

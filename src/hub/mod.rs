@@ -28,6 +28,7 @@ mod not_live;
 mod poll;
 mod publish;
 mod registry;
+mod snapshot;
 mod topics;
 
 use std::collections::HashMap;
@@ -48,6 +49,7 @@ use topics::Topics;
 pub use handover::{Detached, HandoverToken};
 pub use poll::{HeldPoll, Outcome, ParkedPoll};
 pub use registry::Sweeper;
+pub use snapshot::{ChannelState, HubState, Restored, now_ms};
 
 pub use crate::answer::Answer;
 use crate::id::{ChannelId, IdHasher};

@@ -186,6 +186,22 @@ impl Topics {
             .max()
     }
 
+    /// Every topic's newest position that is still worth knowing (bound to a channel, or
+    /// remembered), for a snapshot.
+    pub fn positions(&self, now: Instant) -> Vec<(Arc<str>, u64)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for (name, e) in shard.lock().iter() {
+                if let Some(p) = e.position
+                    && (!e.channels.is_empty() || self.keeps_position(e, now))
+                {
+                    out.push((name.clone(), p));
+                }
+            }
+        }
+        out
+    }
+
     /// Channels bound to `topic`.
     pub fn channels_of(&self, topic: &str) -> Vec<ChannelId> {
         self.shard(topic)

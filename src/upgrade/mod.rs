@@ -579,10 +579,20 @@ pub struct Restored {
 /// Restores the hub's state and the bus position, and turns the descriptors into sockets.
 /// Reads and writes no client socket.
 pub fn restore(received: Received, hub: &Arc<Hub>, bus: Option<&Bus>) -> Result<Restored, String> {
-    restore_hub(hub, &received.hub)?;
-    if let (Some(bus), Some(position)) = (bus, &received.bus_position) {
-        bus.resume_from(position)?;
-    }
+    let resumed = match (bus, &received.bus_position) {
+        (Some(bus), Some(position)) => match bus.resume_from(position) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the old process's bus position is unusable: every channel is marked pending");
+                false
+            }
+        },
+        // No bus: nothing to replay, nothing missed.
+        (None, _) => true,
+        // A bus that had not read yet: from the stream's end, as a new node would.
+        (Some(_), None) => true,
+    };
+    restore_hub(hub, &received.hub, resumed)?;
     let (mut public, mut internal) = (None, None);
     for (role, fd) in received.listeners {
         let listener = std::net::TcpListener::from(fd);
@@ -636,15 +646,28 @@ pub fn restore(received: Received, hub: &Arc<Hub>, bus: Option<&Bus>) -> Result<
     })
 }
 
-/// The hub's state for the new process.
-// LEAD: the state helper's `Hub::snapshot()` goes here (branch `state`).
-pub fn snapshot(_hub: &Hub) -> Vec<u8> {
-    Vec::new()
+/// The hub's state for the new process, in the `--state-dir` format (`wire::snapshot`;
+/// the bus position travels in the header). Taken after the detach: see `hub::handover`.
+pub fn snapshot(hub: &Hub) -> Vec<u8> {
+    crate::wire::snapshot::encode(&crate::wire::snapshot::Snapshot {
+        hub: hub.snapshot(),
+        bus_position: None,
+    })
 }
 
-/// Puts the old process's hub state into `hub`.
-// LEAD: the state helper's `Hub::restore(...)` goes here (branch `state`).
-fn restore_hub(_hub: &Hub, _bytes: &[u8]) -> Result<(), String> {
+/// Puts the old process's hub state into `hub`. Nothing is marked pending: without a bus
+/// every publish was applied by the old process before the snapshot or waits for this one;
+/// with a bus this one reads on from the old one's position. Only a position the bus
+/// refuses makes every channel pending, as after any gap that cannot be replayed.
+fn restore_hub(hub: &Hub, bytes: &[u8], resumed: bool) -> Result<(), String> {
+    let snapshot = crate::wire::snapshot::decode(bytes).map_err(|e| format!("hub state: {e}"))?;
+    let done = hub.restore(&snapshot.hub, !resumed);
+    tracing::info!(
+        channels = done.channels,
+        skipped = done.skipped,
+        positions = done.positions,
+        "hub state taken over"
+    );
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //! - [`raw`]: HTTP/1.1 by hand, for what a polished client hides (exact answer times,
 //!   keep-alive connections, bytes queued behind a poll, a poll cancelled mid-park).
 //! - [`redis`]: a `redis-server` of the caller's own on a free loopback port.
+//! - [`sentinel`]: a primary, a replica and three sentinels, for failovers.
+//! - [`settings`]: the benches' `NUDGE_BENCH_*` settings from the environment.
 //! - [`memory`]: a process's resident memory (RSS and PSS) from `/proc`.
 //! - [`proxy`]: a TCP proxy to Redis that can be cut or stalled, as a network breaks.
 //!
@@ -18,6 +20,8 @@ pub mod node;
 pub mod proxy;
 pub mod raw;
 pub mod redis;
+pub mod sentinel;
+pub mod settings;
 
 pub use node::{Node, signal};
 

@@ -18,6 +18,10 @@ pub struct RedisServer {
     program: PathBuf,
     port: u16,
     dir: PathBuf,
+    /// A config file given first (a sentinel needs one it can rewrite).
+    config: Option<PathBuf>,
+    /// Arguments after the kit's own (`--replicaof`, `--sentinel`).
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
@@ -47,8 +51,29 @@ impl RedisServer {
             program: program.into(),
             port,
             dir,
+            config: None,
+            extra: Vec::new(),
             child: None,
         }
+    }
+
+    /// With `contents` written to a config file in its own directory and given first.
+    pub fn with_config(mut self, contents: &str) -> RedisServer {
+        let path = self.dir.join("redis.conf");
+        std::fs::write(&path, contents).expect("the server's own directory is writable");
+        self.config = Some(path);
+        self
+    }
+
+    /// With more arguments after the kit's own.
+    pub fn with_args(mut self, args: &[&str]) -> RedisServer {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Its directory, for logs and config files.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn port(&self) -> u16 {
@@ -68,12 +93,15 @@ impl RedisServer {
     /// answer within 10 s.
     pub async fn launch(&mut self) -> Result<bool, String> {
         assert!(self.child.is_none(), "already running");
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        command.args(&self.config);
+        let child = command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -128,6 +128,8 @@ fn help_lists_every_flag() {
         "--bus-retention",
         "--bus-max-entries",
         "--gap-wake-rate",
+        "--state-dir",
+        "--state-interval",
         "--internal-token-file",
         "--cors-origin",
         "--log-format",

@@ -19,6 +19,7 @@ mod queued;
 mod races;
 mod raw;
 mod semantics;
+mod state_dir;
 mod support;
 mod tools;
 mod upgrade;

@@ -145,6 +145,25 @@ class Stack:
         self.restarts += 1
         return code
 
+    def crash_nudge(self):
+        """SIGKILL the node (no drain: every relayed connection just ends) and start
+        a new one on the same public address and the same arguments, --state-dir
+        included, as systemd's Restart= would. Connections are refused while the
+        new node starts."""
+        old = self.nudge
+        self.relay.pause()
+        old.proc.send_signal(signal.SIGKILL)
+        code = old.stop()
+        self.relay.drop_connections()
+        new = self._new_nudge().start()
+        self.relay.set_target("127.0.0.1", new.public_port)
+        self.api.point_at(new.internal)
+        self.relay.resume()
+        self.old_nudges.append((old, code))
+        self.nudge = new
+        self.restarts += 1
+        return code
+
     def begin_replacing_nudge(self):
         """Start a new node on the same public address (as behind a load
         balancer) and send SIGTERM to the old one, which keeps draining.

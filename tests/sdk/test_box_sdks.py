@@ -21,6 +21,7 @@ What each SDK does in each scenario is written down in docs/box-sdks.md.
 """
 
 import collections
+import re
 import time
 
 import pytest
@@ -318,6 +319,56 @@ def test_restart_with_downtime(make_stack, client):
     s.wait_received(ids, timeout=20)
     assert_exactly_once(s, published)
     assert_all_answers_ok(s)
+    assert_no_hot_loop(s)
+
+
+@pytest.mark.parametrize("client", ALL)
+def test_crash_with_state_dir(make_stack, client, tmp_path):
+    """nudge runs with --state-dir; it is killed (SIGKILL, no drain) and started
+    again at once with the same arguments, as systemd's Restart= does. The new
+    node restores the channel, and marks it pending (no bus: it cannot know what
+    it missed), so the SDK's next poll gets new_change at once; the SDK fetches
+    from the main API and carries on, without a new OPTIONS."""
+    state = tmp_path / "state"
+    s = make_stack(client, nudge_args=["--state-dir", str(state), "--state-interval", "200ms"])
+    s.wait_ready()
+    published = s.api.publish(1)["event_ids"]
+    s.wait_received(published, timeout=20)
+    wait_until(s.has_parked_poll, 15, what="a parked poll")
+    wait_until(lambda: (state / "nudge.state").exists() and s.nudge.metrics().get("nudge_state_snapshots_total", 0) >= 2,
+               10, what="two snapshots written")
+    options_before = s.options_count()
+    t_crash = time.time()
+    s.crash_nudge()
+    assert re.search(r"state restored channels=[1-9]", s.nudge.log()), s.nudge.log()[-2000:]
+
+    def settled():
+        if not s.client.alive():
+            return "stopped"
+        if s.has_parked_poll():
+            return "parked again"
+        return None
+
+    outcome = wait_until(settled, 50, what=f"{client} to poll the restarted node or stop")
+    s.notes["outcome"] = outcome
+    s.notes["seconds from crash to a parked poll"] = round(time.time() - t_crash, 2)
+    if client in STOPS_ON_REFUSED and outcome == "stopped":
+        # Its stream ends on the refused connection while the new node starts:
+        # the application starts it again, as after any refused connection.
+        fatal = s.client.of_kind("fatal")
+        s.notes["fatal"] = fatal[-1]["error"][:200] if fatal else ""
+        s.start_client()
+        s.wait_ready()
+        ids = s.api.publish(1)["event_ids"]
+        s.wait_received(ids, timeout=20)
+        assert_no_hot_loop(s)
+        return
+    assert outcome == "parked again", f"{client}: {outcome}: {s.client.of_kind('fatal')}"
+    assert s.options_count() == options_before, "the SDK went back to the main API for a new channel"
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    s.wait_received(ids, timeout=20)
+    assert_exactly_once(s, published)
     assert_no_hot_loop(s)
 
 

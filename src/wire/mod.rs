@@ -1,6 +1,9 @@
 //! The wire formats, transport-neutral: the bytes a main API sends (publish, registration
 //! and revocation bodies, durations) turned into hub requests. The HTTP handlers, the bus and
 //! the fuzz targets all read them here, so every way in accepts exactly the same shapes.
+//! [`snapshot`] is the file format of the hub's state (`--state-dir`, the upgrade).
+
+pub mod snapshot;
 
 use std::time::Duration;
 

@@ -1,0 +1,295 @@
+//! The hub's state as plain data, to carry it across a process: written to `--state-dir`
+//! so that a node that crashed comes back knowing its channels, and handed to the new
+//! process of an upgrade. Parked polls are not in it (their sockets are gone after a crash;
+//! an upgrade moves them itself).
+//!
+//! Times are wall-clock (milliseconds since the UNIX epoch), since a monotonic `Instant`
+//! means nothing in another process. The encoding lives in `wire::snapshot`.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+
+use super::channel::{Channel, Pending};
+use super::{Hub, Limits};
+use crate::id::ChannelId;
+
+/// Everything a hub must know to carry on: its live channels and the topics' positions.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HubState {
+    /// When it was taken.
+    pub taken_at_ms: u64,
+    /// Every live channel.
+    pub channels: Vec<ChannelState>,
+    /// The newest position of each topic that has one (bound or remembered).
+    pub positions: Vec<(String, u64)>,
+}
+
+/// One channel, as [`HubState`] carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelState {
+    /// The id, in its text form.
+    pub id: String,
+    /// Bound topics.
+    pub topics: Vec<String>,
+    /// The subject it was registered with.
+    pub subject: Option<String>,
+    /// Its `stream_type` filter; `None` is `all`.
+    pub stream_type: Option<String>,
+    /// Its limits.
+    pub ttl: Duration,
+    /// Its limits.
+    pub retry_timeout: Duration,
+    /// Its limits.
+    pub max_retries: u32,
+    /// `reconnect` answers given so far.
+    pub reconnects: u32,
+    /// Its pending mark: set, set by a publish without a position, newest position.
+    pub pending: (bool, bool, u64),
+    /// When it expires without a poll. A channel with parked polls had no expiry: it gets
+    /// `ttl` from the moment the snapshot was taken.
+    pub expires_at_ms: u64,
+}
+
+/// What [`Hub::restore`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    /// Channels restored.
+    pub channels: usize,
+    /// Channels left out: expired, malformed, already here, or past `--max-channels`.
+    pub skipped: usize,
+    /// Topic positions restored.
+    pub positions: usize,
+}
+
+/// Milliseconds since the UNIX epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Hub {
+    /// Takes the hub's state, one shard lock at a time (a consistent picture of each
+    /// channel, not of the whole hub: see `bus` for the order that keeps it exact).
+    pub fn snapshot(&self) -> HubState {
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let mut channels = Vec::with_capacity(self.counts().channels);
+        for shard in self.channels.iter() {
+            let shard = shard.lock();
+            for (id, ch) in shard.iter() {
+                let expires_in = ch
+                    .idle_deadline
+                    .map_or(ch.limits.ttl, |at| at.saturating_duration_since(now));
+                channels.push(ChannelState {
+                    id: id.to_string(),
+                    topics: ch.topics.iter().map(|t| t.to_string()).collect(),
+                    subject: ch.subject.as_deref().map(str::to_owned),
+                    stream_type: ch.stream_type.as_deref().map(str::to_owned),
+                    ttl: ch.limits.ttl,
+                    retry_timeout: ch.limits.retry_timeout,
+                    max_retries: ch.limits.max_retries,
+                    reconnects: ch.reconnects,
+                    pending: ch.pending.parts(),
+                    expires_at_ms: now_ms + expires_in.as_millis() as u64,
+                });
+            }
+        }
+        HubState {
+            taken_at_ms: now_ms,
+            channels,
+            positions: self
+                .topics
+                .positions(now)
+                .into_iter()
+                .map(|(t, p)| (t.to_string(), p))
+                .collect(),
+        }
+    }
+
+    /// Puts a state back: the channels whose ttl has not run out (marked pending when
+    /// `mark_pending`: a node that cannot replay what it missed must assume a change), and
+    /// the topics' positions. Channels already here are left as they are.
+    pub fn restore(&self, state: &HubState, mark_pending: bool) -> Restored {
+        let (now, now_ms) = (Instant::now(), now_ms());
+        let mut done = Restored::default();
+        // Channels first: a position then lands on a topic its channels already bind.
+        for c in &state.channels {
+            match self.restore_channel(c, mark_pending, now, now_ms) {
+                true => done.channels += 1,
+                false => done.skipped += 1,
+            }
+        }
+        for (topic, position) in &state.positions {
+            self.topics
+                .publish(topic, Some(*position), now, &mut Vec::new());
+            done.positions += 1;
+        }
+        self.set_topic_gauges();
+        done
+    }
+
+    fn restore_channel(
+        &self,
+        c: &ChannelState,
+        mark_pending: bool,
+        now: Instant,
+        now_ms: u64,
+    ) -> bool {
+        let Some(id) = ChannelId::parse(&c.id) else {
+            return false;
+        };
+        if c.expires_at_ms <= now_ms || c.topics.is_empty() {
+            return false;
+        }
+        if self.shard(id).lock().contains_key(&id) {
+            return false;
+        }
+        if self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.caps.max_channels).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return false;
+        }
+        let node = self.config.limits;
+        let limits = Limits {
+            ttl: c.ttl.min(node.ttl).max(Duration::from_secs(1)),
+            retry_timeout: c
+                .retry_timeout
+                .min(node.retry_timeout)
+                .max(Duration::from_secs(1)),
+            max_retries: c.max_retries.min(node.max_retries),
+        };
+        let topics: Arc<[Arc<str>]> = c
+            .topics
+            .iter()
+            .map(|t| self.topics.attach(t, id).0)
+            .collect();
+        let mut pending = Pending::from_parts(c.pending);
+        if mark_pending {
+            pending.mark(None);
+        }
+        let expires_in = Duration::from_millis(c.expires_at_ms - now_ms).min(limits.ttl);
+        let channel = Channel {
+            topics,
+            subject: c.subject.as_deref().map(Arc::from),
+            stream_type: c.stream_type.as_deref().map(Box::from),
+            limits,
+            reconnects: c.reconnects,
+            pending,
+            waiters: Vec::new(),
+            idle_deadline: Some(now + expires_in),
+        };
+        self.shard(id).lock().insert(id, channel);
+        self.metrics.channels.inc();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::{HubConfig, Registration};
+    use crate::metrics::Metrics;
+
+    fn hub() -> Arc<Hub> {
+        Hub::new(
+            HubConfig {
+                limits: Limits {
+                    ttl: Duration::from_secs(60),
+                    retry_timeout: Duration::from_secs(50),
+                    max_retries: 5,
+                },
+                max_polls_per_channel: 4,
+                max_parked: 100,
+            },
+            Arc::new(Metrics::new(prometheus::Registry::new(), false)),
+        )
+    }
+
+    #[test]
+    fn a_state_comes_back_whole_in_another_hub() {
+        let a = hub();
+        let id = a
+            .register(Registration {
+                topics: vec!["user:1".into(), "box:2".into()],
+                subject: Some("user:1".into()),
+                stream_type: Some("changes".into()),
+                max_retries: Some(3),
+                ..Default::default()
+            })
+            .unwrap()
+            .id;
+        a.publish(
+            &[crate::hub::Publish {
+                topic: "box:2".into(),
+                position: Some(7),
+                stream_type: None,
+            }],
+            "api",
+        );
+        a.publish(
+            &[crate::hub::Publish {
+                topic: "nobody".into(),
+                position: Some(9),
+                stream_type: None,
+            }],
+            "api",
+        );
+        let state = a.snapshot();
+        let b = hub();
+        assert_eq!(
+            b.restore(&state, false),
+            Restored {
+                channels: 1,
+                skipped: 0,
+                positions: 2
+            }
+        );
+        let info = b.channel_info(&id.to_string()).unwrap();
+        assert_eq!(info.topics, ["box:2", "user:1"]);
+        assert_eq!(info.subject.as_deref(), Some("user:1"));
+        assert_eq!(info.stream_type, "changes");
+        assert_eq!(info.max_retries, 3);
+        assert!(info.pending, "the publish on box:2 left its mark");
+        // Taking it again in the new hub gives the same channels and positions.
+        let again = b.snapshot();
+        assert_eq!(again.channels.len(), 1);
+        let mut positions = again.positions.clone();
+        positions.sort();
+        assert_eq!(
+            positions,
+            [("box:2".to_owned(), 7), ("nobody".to_owned(), 9)]
+        );
+        // Restoring twice changes nothing.
+        assert_eq!(b.restore(&state, false).channels, 0);
+    }
+
+    #[test]
+    fn expired_channels_stay_out_and_unknown_ones_are_marked_pending_on_request() {
+        let a = hub();
+        let id = a
+            .register(Registration {
+                topics: vec!["t".into()],
+                ..Default::default()
+            })
+            .unwrap()
+            .id;
+        let mut state = a.snapshot();
+        let mut expired = state.channels[0].clone();
+        expired.id = ChannelId::random().to_string();
+        expired.expires_at_ms = now_ms() - 1;
+        let mut malformed = state.channels[0].clone();
+        malformed.id = "not an id".into();
+        state.channels.extend([expired, malformed]);
+        let b = hub();
+        let done = b.restore(&state, true);
+        assert_eq!((done.channels, done.skipped), (1, 2));
+        assert!(b.channel_info(&id.to_string()).unwrap().pending);
+    }
+}
