@@ -450,9 +450,39 @@ async fn publishes_registrations_revocations_and_polls_racing_the_handover_lose_
         channels.push(node.register("race").await);
     }
     let mut conns = park(&node, &channels, 2).await;
+    let mut late_channels = Vec::new();
+    for _ in 0..10 {
+        late_channels.push(node.register("race").await);
+    }
     let internal = node.node.internal;
     let public = node.public();
     let stop = Arc::new(AtomicBool::new(false));
+    // Clients leaving: ten parked clients close their connections, one every few ms, while
+    // the handover runs.
+    let leavers: Vec<raw::Conn> = conns.drain(..10).collect();
+    let leaving = tokio::spawn(async move {
+        for conn in leavers {
+            drop(conn);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    });
+    // Polls arriving: up to 30 new parked polls, one every few ms, across the handover.
+    let arriving = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut late = Vec::new();
+            while late.len() < 30 && !stop.load(Ordering::Relaxed) {
+                let id = &late_channels[late.len() % late_channels.len()];
+                let mut conn = raw::Conn::connect(public).await.unwrap();
+                conn.send(raw::get(&format!("/subscribe?channel={id}"), "").as_bytes())
+                    .await
+                    .unwrap();
+                late.push(conn);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            late
+        })
+    };
     let failures = Arc::new(AtomicUsize::new(0));
     // Registrations and revocations on the internal listener, and fresh polls (answered at
     // once with dont_block) on the public one, in bounded loops across the handover: each
@@ -504,20 +534,26 @@ async fn publishes_registrations_revocations_and_polls_racing_the_handover_lose_
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     node.upgrade().await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         t.await.unwrap();
     }
+    leaving.await.unwrap();
+    let mut late = arriving.await.unwrap();
+    assert!(!late.is_empty());
     assert_eq!(
         failures.load(Ordering::Relaxed),
         0,
         "requests failed across the handover"
     );
     assert_eq!(none_answered(&mut conns), 0);
+    // Every poll that arrived during the handover, parked on one process or moved to the
+    // new one, is answered by the publish, once; none before it.
+    assert_eq!(none_answered(&mut late), 0);
     node.publish("race").await;
     all_new_change(&mut conns).await;
+    all_new_change(&mut late).await;
 }
 
 /// The hub's side of the handover, racing publishes (bounded rounds): a publish that lands
