@@ -94,8 +94,9 @@ pub struct Args {
     /// restore it at start: a node that crashed comes back knowing every channel.
     #[arg(long, env = "NUDGE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
-    /// How often the snapshot in --state-dir is written (at most; a large one waits ten
-    /// times what it took to write).
+    /// How often the snapshot in --state-dir is written if anything changed (at most; a
+    /// large one waits ten times what it took to write; an idle node rewrites it once a
+    /// minute).
     #[arg(long, env = "NUDGE_STATE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
     pub state_interval: Duration,
     /// File holding the bearer token of the internal listener.

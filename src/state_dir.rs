@@ -4,7 +4,9 @@
 //!
 //! - Written every `--state-interval` by a thread of its own (never a tokio worker), and
 //!   never more often than ten times what the last write took, so that even a million
-//!   channels cost at most a tenth of a core; and once more at the end of a drain.
+//!   channels cost at most a tenth of a core; and once more at the end of a drain. Only
+//!   when something changed ([`Hub::take_changed`], or a new bus position), or once every
+//!   [`REFRESH`]: an idle node does not rewrite (and sync) the same file every 2 s.
 //! - Atomic: written to `nudge.state.tmp` (mode 0600: channel ids are credentials), synced,
 //!   renamed over `nudge.state`, and the directory synced. A crash leaves the old file or
 //!   the new one, never half of one.
@@ -29,6 +31,11 @@ use crate::wire::snapshot::{self, Snapshot};
 
 const FILE: &str = "nudge.state";
 const TMP: &str = "nudge.state.tmp";
+
+/// An idle node still rewrites its snapshot this often: a channel with a parked poll is
+/// written with its full ttl from the snapshot's time, so the file must not grow much older
+/// than that while the poll stays parked.
+pub const REFRESH: Duration = Duration::from_secs(60);
 
 /// The state directory of a node.
 #[derive(Clone, Debug)]
@@ -96,8 +103,12 @@ impl StateDir {
 
     /// Takes the node's state now (bus position first) and writes it; records the metrics.
     pub fn save(&self, hub: &Hub, bus: Option<&Bus>) -> io::Result<()> {
+        self.save_at(hub, bus.and_then(Bus::position))
+    }
+
+    /// [`StateDir::save`] with the bus position already read (before the hub's state).
+    fn save_at(&self, hub: &Hub, bus_position: Option<String>) -> io::Result<()> {
         let started = Instant::now();
-        let bus_position = bus.and_then(Bus::position);
         let snapshot = Snapshot {
             hub: hub.snapshot(),
             bus_position,
@@ -113,7 +124,9 @@ impl StateDir {
     }
 
     /// Writes the state every `every` (at least ten times the last write's duration apart)
-    /// on a thread of its own, until the returned [`Saver`] is dropped.
+    /// on a thread of its own, until the returned [`Saver`] is dropped; a tick at which
+    /// nothing changed (no registration, poll, publish, expiry, nor a new bus position)
+    /// writes nothing, except once every [`REFRESH`].
     pub fn spawn_saver(&self, hub: Arc<Hub>, bus: Option<Arc<Bus>>, every: Duration) -> Saver {
         let (stop, stopped) = mpsc::channel::<()>();
         let dir = self.clone();
@@ -122,23 +135,40 @@ impl StateDir {
             .spawn(move || {
                 let mut wait = every;
                 let mut failing = false;
+                // When the last good write was, and the bus position it held.
+                let mut written: Option<(Instant, Option<String>)> = None;
                 loop {
                     match stopped.recv_timeout(wait) {
                         Err(RecvTimeoutError::Timeout) => {}
                         _ => return,
                     }
+                    // Both read before the hub's state (see the module's doc).
+                    let position = bus.as_deref().and_then(Bus::position);
+                    let changed = hub.take_changed();
+                    let due = changed
+                        || failing
+                        || written.as_ref().is_none_or(|(at, pos)| {
+                            at.elapsed() >= REFRESH || *pos != position
+                        });
+                    if !due {
+                        wait = every;
+                        continue;
+                    }
                     let started = Instant::now();
-                    match dir.save(&hub, bus.as_deref()) {
-                        Ok(()) if failing => {
-                            info!("state written again");
-                            failing = false;
+                    match dir.save_at(&hub, position.clone()) {
+                        Ok(()) => {
+                            if failing {
+                                info!("state written again");
+                                failing = false;
+                            }
+                            written = Some((started, position));
                         }
-                        Ok(()) => {}
-                        Err(e) if !failing => {
-                            warn!(error = %e, dir = %dir.dir.display(), "state not written; will retry");
+                        Err(e) => {
+                            if !failing {
+                                warn!(error = %e, dir = %dir.dir.display(), "state not written; will retry");
+                            }
                             failing = true;
                         }
-                        Err(_) => {}
                     }
                     wait = every.max(started.elapsed() * 10);
                 }

@@ -89,6 +89,8 @@ impl Hub {
                 }
             }
         }
+        // The detached channels' ttl clocks started: a snapshot must see it.
+        self.note_change();
         // Sent with no lock held. A poll whose client has gone drops its receiver, and the
         // delivery with it.
         let polls = detached.len();

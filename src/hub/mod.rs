@@ -368,6 +368,9 @@ pub struct Hub {
     drain_started: Notify,
     /// Set while parked polls are being handed to another process (`handover.rs`).
     moving: AtomicBool,
+    /// Something a snapshot holds has changed since [`Hub::take_changed`] last looked: so
+    /// that `--state-dir` writes nothing while a node is idle.
+    changed: AtomicBool,
 }
 
 impl Hub {
@@ -405,6 +408,7 @@ impl Hub {
             draining: AtomicBool::new(false),
             drain_started: Notify::new(),
             moving: AtomicBool::new(false),
+            changed: AtomicBool::new(true),
         })
     }
 
@@ -425,6 +429,23 @@ impl Hub {
 
     fn shard(&self, id: ChannelId) -> &Mutex<ChannelShard> {
         &self.channels[id.shard(CHANNEL_SHARDS - 1)]
+    }
+
+    /// Notes that the state a snapshot holds has changed. Called while holding the lock of
+    /// the shard that changed, or after the change: a snapshot that [`Hub::take_changed`]
+    /// cleared the flag for either saw the change or leaves the flag set for the next one.
+    /// A load first, so that the hot path (every poll) writes the shared line only once per
+    /// snapshot.
+    fn note_change(&self) {
+        if !self.changed.load(Ordering::Acquire) {
+            self.changed.store(true, Ordering::Release);
+        }
+    }
+
+    /// Whether the state a snapshot holds may have changed since the previous call (true
+    /// the first time), clearing the flag: call it *before* [`Hub::snapshot`].
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::AcqRel)
     }
 
     /// Keeps the parked count and its gauge together.
@@ -472,6 +493,7 @@ impl Hub {
             }
         }
         let n = answers.len();
+        self.note_change();
         answer_spread(answers, Answer::Reconnect, period).await;
         n
     }

@@ -49,6 +49,8 @@ impl Hub {
         if self.is_moving() {
             return PollStart::Moving;
         }
+        // Every way on from here changes the channel (its mark, its ttl clock, a waiter).
+        self.note_change();
         // A poll answered at once ends now: the ttl clock starts again from here (SPEC §3,
         // "from the end of its last poll"), unless another poll is parked and holds it.
         if let Some(seen) = req.stream_position {
@@ -117,6 +119,7 @@ impl Hub {
         let Some(ch) = shard.get_mut(&id) else {
             return self.answer_now(Answer::Reconnect);
         };
+        self.note_change();
         if ch.pending.is_set() {
             ch.pending.clear();
             ch.touch_if_idle(Instant::now());
@@ -198,6 +201,7 @@ impl Hub {
         let mut shard = self.shard(id).lock();
         let ch = shard.get_mut(&id)?;
         ch.take_waiter(key)?;
+        self.note_change();
         ch.reconnects = ch.reconnects.saturating_add(1);
         ch.touch_if_idle(Instant::now());
         self.count_parked(-1);
@@ -212,6 +216,7 @@ impl Hub {
         rx: &mut oneshot::Receiver<Delivery>,
     ) {
         let mut shard = self.shard(id).lock();
+        self.note_change();
         if let Some(ch) = shard.get_mut(&id)
             && ch.take_waiter(key).is_some()
         {
@@ -317,6 +322,7 @@ impl ParkedPoll {
         }
         if let Some(ch) = self.hub.shard(self.id).lock().get_mut(&self.id) {
             ch.pending.mark(None);
+            self.hub.note_change();
         }
     }
 

@@ -74,6 +74,8 @@ impl Hub {
                 ch.pending.mark(position);
             }
         }
+        // Marks, positions (a bus entry also moves the node's bus position).
+        self.note_change();
         self.metrics
             .publishes_total
             .with_label_values(&[source])
@@ -109,6 +111,7 @@ impl Hub {
                 }
             }
         }
+        self.note_change();
         let spread = Duration::from_secs_f64(wake.len() as f64 / f64::from(rate.max(1)));
         let gone = answer_spread(wake, Answer::NewChange, spread).await;
         // Polls whose clients left while waiting for their turn: keep the change for the
@@ -116,6 +119,7 @@ impl Hub {
         for id in gone {
             if let Some(ch) = self.shard(id).lock().get_mut(&id) {
                 ch.pending.mark(None);
+                self.note_change();
             }
         }
         channels

@@ -95,6 +95,7 @@ impl Hub {
             idle_deadline: Some(Instant::now() + limits.ttl),
         };
         self.shard(id).lock().insert(id, channel);
+        self.note_change();
         self.metrics.channels.inc();
         self.set_topic_gauges();
         Ok(Registered {
@@ -221,6 +222,7 @@ impl Hub {
             self.topics.detach(t, id, now);
         }
         self.live.fetch_sub(1, Ordering::AcqRel);
+        self.note_change();
         self.metrics.channels.dec();
         self.set_topic_gauges();
     }

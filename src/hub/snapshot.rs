@@ -128,6 +128,7 @@ impl Hub {
             done.positions += 1;
         }
         self.set_topic_gauges();
+        self.note_change();
         done
     }
 
@@ -268,6 +269,49 @@ mod tests {
         );
         // Restoring twice changes nothing.
         assert_eq!(b.restore(&state, false).channels, 0);
+    }
+
+    #[test]
+    fn a_hub_says_whether_anything_a_snapshot_holds_has_changed() {
+        let a = hub();
+        assert!(a.take_changed(), "a new hub has never been written");
+        assert!(!a.take_changed(), "taking it clears it");
+        let id = a
+            .register(Registration {
+                topics: vec!["t".into()],
+                ..Default::default()
+            })
+            .unwrap()
+            .id
+            .to_string();
+        assert!(a.take_changed(), "a registration");
+        assert!(a.channel_info(&id).is_some());
+        let _ = a.snapshot();
+        assert!(!a.take_changed(), "reading changes nothing");
+        a.publish(
+            &[crate::hub::Publish {
+                topic: "t".into(),
+                position: None,
+                stream_type: None,
+            }],
+            "api",
+        );
+        assert!(a.take_changed(), "a publish marks the channel");
+        let answered = a.poll(
+            &id,
+            crate::hub::PollRequest {
+                dont_block: true,
+                ..Default::default()
+            },
+        );
+        assert!(matches!(answered, crate::hub::PollStart::Answer(_)));
+        assert!(a.take_changed(), "a poll clears the mark");
+        assert!(a.delete(&id));
+        assert!(a.take_changed(), "a deletion");
+        let b = hub();
+        b.take_changed();
+        b.restore(&a.snapshot(), false);
+        assert!(b.take_changed(), "a restore");
     }
 
     #[test]

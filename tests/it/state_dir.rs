@@ -118,11 +118,33 @@ impl Restartable {
         metric_sample(&text, name)
     }
 
-    /// Waits until `n` more snapshots than now have been written.
-    async fn wait_snapshots(&self, n: f64) {
-        let from = self.metric("nudge_state_snapshots_total").await;
+    /// Waits until more than `n` snapshots have been written since the start.
+    async fn wait_snapshots_past(&self, n: f64) {
         eventually("snapshots written", secs(10.0), || async {
-            self.metric("nudge_state_snapshots_total").await >= from + n
+            self.metric("nudge_state_snapshots_total").await > n
+        })
+        .await;
+    }
+
+    /// Waits until the state file holds the channels of these poll URLs (a count of
+    /// snapshots would not do: one may have been taken just before a registration, and
+    /// the node writes nothing more while nothing changes).
+    async fn wait_written(&self, dir: &TempDir, urls: &[&str]) {
+        let file = dir.path().join("nudge.state");
+        eventually("the state file holds the channels", secs(10.0), || async {
+            let Ok(bytes) = std::fs::read(&file) else {
+                return false;
+            };
+            let Ok(snapshot) = nudge::wire::snapshot::decode(&bytes) else {
+                return false;
+            };
+            urls.iter().all(|url| {
+                snapshot
+                    .hub
+                    .channels
+                    .iter()
+                    .any(|c| url.contains(&format!("channel={}&", c.id)))
+            })
         })
         .await;
     }
@@ -150,7 +172,7 @@ async fn a_crashed_node_comes_back_knowing_its_channels() {
     let url = node
         .register(json!({ "topics": ["user:1"], "subject": "user:1" }))
         .await;
-    node.wait_snapshots(2.0).await;
+    node.wait_written(&dir, &[&url]).await;
     let file = dir.path().join("nudge.state");
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
@@ -194,6 +216,33 @@ async fn a_crashed_node_comes_back_knowing_its_channels() {
 }
 
 #[tokio::test]
+async fn an_idle_node_writes_its_state_only_when_something_changed() {
+    let dir = TempDir::new("state-idle");
+    let node = Restartable::new(&dir, &["--state-interval", "100ms"]);
+    // The first tick writes (a new node has never been written), then nothing changes.
+    node.wait_snapshots_past(0.0).await;
+    let idle = node.metric("nudge_state_snapshots_total").await;
+    let watched = std::time::Instant::now();
+    eventually("twenty ticks of an idle node", secs(5.0), || async {
+        watched.elapsed() > Duration::from_secs(2)
+    })
+    .await;
+    assert_eq!(
+        node.metric("nudge_state_snapshots_total").await,
+        idle,
+        "nothing changed: nothing written"
+    );
+    // A registration is a change: written at the next tick.
+    let url = node.register(json!({ "topics": ["t"] })).await;
+    node.wait_written(&dir, &[&url]).await;
+    assert!(node.metric("nudge_state_snapshots_total").await > idle);
+    // And so is a poll (its ttl clock, its mark).
+    let after = node.metric("nudge_state_snapshots_total").await;
+    assert_eq!(node.poll(&url, "&dont_block=true").await, "no_change");
+    node.wait_snapshots_past(after).await;
+}
+
+#[tokio::test]
 async fn the_drain_writes_the_last_state_and_expired_channels_stay_gone() {
     let dir = TempDir::new("state-drain");
     // Snapshots an hour apart: only the drain's can hold these channels.
@@ -230,7 +279,7 @@ async fn a_state_file_that_is_not_a_good_one_is_ignored_with_a_warning() {
     // A good file to spoil.
     let mut node = Restartable::new(&dir, &["--state-interval", "200ms"]);
     let url = node.register(json!({ "topics": ["t"] })).await;
-    node.wait_snapshots(1.0).await;
+    node.wait_written(&dir, &[&url]).await;
     node.crash();
     let good = std::fs::read(dir.path().join("nudge.state")).unwrap();
     let mut altered = good.clone();
@@ -283,7 +332,7 @@ async fn with_a_bus_a_restored_node_replays_what_it_missed_and_nothing_else() {
     .await;
     let hit = node.register(json!({ "topics": ["user:1"] })).await;
     let quiet = node.register(json!({ "topics": ["user:2"] })).await;
-    node.wait_snapshots(2.0).await;
+    node.wait_written(&dir, &[&hit, &quiet]).await;
     node.crash();
     // While the node is down the main API appends a change for one of the two.
     let client = redis::Client::open(url.as_str()).unwrap();
