@@ -30,7 +30,7 @@ NUDGE_ENV = {
     "NUDGE_BUS_MAX_ENTRIES", "NUDGE_GAP_WAKE_RATE", "NUDGE_STATE_DIR",
     "NUDGE_STATE_INTERVAL",
     "NUDGE_INTERNAL_TOKEN_FILE", "NUDGE_CORS_ORIGIN", "NUDGE_LOG_FORMAT",
-    "NUDGE_TLS_CERT", "NUDGE_TLS_KEY",
+    "NUDGE_TLS_CERT", "NUDGE_TLS_KEY", "NUDGE_PID_FILE", "NUDGE_UPGRADE_TIMEOUT",
 }
 # A variable of the example main API container in the sidecar, not nudge's.
 API_ENV = {"NUDGE_INTERNAL_URL"}
@@ -129,7 +129,10 @@ def systemd():
     s = unit_settings(path)
     get = lambda k: [v for sec, key, v in s if key == k]
     check(get("LimitNOFILE") == ["1048576"], "nudge.service: LimitNOFILE=1048576")
-    check(not get("ExecReload"), "nudge.service: nudge has no reload, so no ExecReload")
+    # A reload is the upgrade in place: SIGUSR2 to the main process, which systemd follows
+    # to the new one through MAINPID= (Type=notify; the new one's READY=1 needs NotifyAccess=all).
+    check(get("ExecReload") == ["/bin/kill -USR2 $MAINPID"], "nudge.service: ExecReload=/bin/kill -USR2 $MAINPID (the upgrade in place)")
+    check(get("Type") == ["notify"] and get("NotifyAccess") == ["all"], "nudge.service: Type=notify, NotifyAccess=all (systemd follows MAINPID= to the new process)")
     check(get("EnvironmentFile"), "nudge.service: needs an EnvironmentFile")
     stop = get("TimeoutStopSec")
     drain = DEFAULT_DRAIN_SECONDS

@@ -119,6 +119,10 @@ pub struct Args {
     /// scripts can follow the node.
     #[arg(long, env = "NUDGE_PID_FILE")]
     pub pid_file: Option<PathBuf>,
+    /// On SIGUSR2 (upgrade in place), how long the new binary has to start and take over;
+    /// past it this process kills it and keeps serving.
+    #[arg(long, env = "NUDGE_UPGRADE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub upgrade_timeout: Duration,
     /// PEM certificate chain: the public listener then speaks HTTPS.
     #[arg(long, env = "NUDGE_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -178,6 +182,8 @@ pub struct Config {
     pub worker_threads: Option<usize>,
     /// `--pid-file`.
     pub pid_file: Option<PathBuf>,
+    /// `--upgrade-timeout`.
+    pub upgrade_timeout: Duration,
 }
 
 /// The internal bearer token. Its `Debug` hides it, so that logging a `Config` (or anything
@@ -361,6 +367,7 @@ impl Config {
             fast_path: a.fast_path,
             worker_threads: a.worker_threads,
             pid_file: a.pid_file,
+            upgrade_timeout: a.upgrade_timeout,
         })
     }
 }

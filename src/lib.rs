@@ -12,7 +12,8 @@
 //!   watch both use ([`http::watched`]), and the main API's routes ([`http::internal`]);
 //!   [`tls`]: the public listener's certificates.
 //! - [`config`]: flags with `NUDGE_*` twins, validated before anything is bound;
-//!   [`logging`], [`signal`], [`pid_file`]: the process around it.
+//!   [`logging`], [`signal`], [`pid_file`]: the process around it; [`upgrade`]: handing
+//!   the listeners, the fast-path connections and the hub to a new binary (`SIGUSR2`).
 //! - [`bus`]: the Redis stream that carries publishes and revocations between nodes, and
 //!   replays what a node missed; [`state_dir`]: the node's state kept on disk for a restart.
 //! - [`wire`]: the bodies a main API sends (publish, registration, revocation, durations),
@@ -24,7 +25,9 @@
 //!   mapping to status and stable `code`; [`id`]: channel ids, 128 random bits that are
 //!   never logged whole.
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: `upgrade::fds` alone allows it (one `from_raw_fd` on a descriptor
+// the kernel just passed us, with its SAFETY proof).
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod answer;
@@ -43,6 +46,7 @@ pub mod server;
 pub mod signal;
 pub mod state_dir;
 pub mod tls;
+pub mod upgrade;
 pub mod wire;
 
 pub use config::Config;

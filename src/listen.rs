@@ -34,8 +34,10 @@ pub enum StartError {
 
 /// Accepts connections until `stop` is signalled; a failed accept (EMFILE) makes it
 /// back off and warn, not end.
+/// The listener is shared: stopping the loop leaves it open (an upgrade in place hands it
+/// on, or accepts on it again).
 pub(crate) async fn accept_loop(
-    listener: TcpListener,
+    listener: std::sync::Arc<TcpListener>,
     mut stop: Watcher,
     on_connection: impl Fn(TcpStream),
 ) {

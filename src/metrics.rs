@@ -60,6 +60,12 @@ pub struct Metrics {
     pub fanout_seconds: Histogram,
     /// Requests on the public listener by who parsed them: `fast` or `hyper`.
     pub public_requests_total: IntCounterVec,
+    /// `nudge_upgrade_connections_total{outcome}`: public connections at an upgrade in
+    /// place, `moved` to the new process or `drained` (answered as in a drain: TLS, hyper).
+    pub upgrade_connections_total: IntCounterVec,
+    /// `nudge_upgrades_total{outcome}`: upgrades in place begun here, by outcome
+    /// (`handed_over`, `abandoned`: the new binary failed and this process kept serving).
+    pub upgrades_total: IntCounterVec,
     /// `polls_total` for new_change, reconnect, max_retries, no_change, in that order.
     answers: [IntCounter; 4],
     /// `nudge_polls_parked_total{path}` for the fast path and hyper, in that order.
@@ -173,6 +179,40 @@ impl Metrics {
                     registry.register(Box::new(g.clone())).expect("metric names are unique");
                 }
                 g
+            },
+            upgrade_connections_total: {
+                let c = reg(
+                    &registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "nudge_upgrade_connections_total",
+                            "Public connections at an upgrade in place, by outcome (moved to the new process, drained).",
+                        ),
+                        &["outcome"],
+                    )
+                    .unwrap(),
+                );
+                for o in ["moved", "drained"] {
+                    c.with_label_values(&[o]);
+                }
+                c
+            },
+            upgrades_total: {
+                let c = reg(
+                    &registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "nudge_upgrades_total",
+                            "Upgrades in place begun on this node, by outcome (handed_over, abandoned).",
+                        ),
+                        &["outcome"],
+                    )
+                    .unwrap(),
+                );
+                for r in ["handed_over", "abandoned"] {
+                    c.with_label_values(&[r]);
+                }
+                c
             },
             answers: Answer::ALL.map(|a| polls_total.with_label_values(&[a.as_str()])),
             polls_total,

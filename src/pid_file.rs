@@ -16,6 +16,17 @@ pub struct PidFile {
 impl PidFile {
     /// Writes this process's id to `path` (`<pid>\n`).
     pub fn write(path: &Path) -> io::Result<PidFile> {
+        let pid = Self::rewrite(path)?;
+        Ok(PidFile {
+            path: path.to_owned(),
+            pid,
+        })
+    }
+
+    /// Writes this process's id to `path` again, leaving the removal to the [`PidFile`]
+    /// made at start: after an upgrade in place that failed, the new process may have
+    /// written its own id there, or removed the file.
+    pub fn rewrite(path: &Path) -> io::Result<u32> {
         let pid = std::process::id();
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(format!(".{pid}.tmp"));
@@ -23,10 +34,7 @@ impl PidFile {
         std::fs::rename(&tmp, path).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })?;
-        Ok(PidFile {
-            path: path.to_owned(),
-            pid,
-        })
+        Ok(pid)
     }
 }
 

@@ -30,14 +30,16 @@ use crate::bus::Bus;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::http::conn::{http1_builder, serve};
-use crate::http::fast::FastPath;
+use crate::http::fast::{FastPath, Moved};
 use crate::http::internal::{self, InternalState};
 use crate::http::subscribe::{self, Cors, PublicState};
 use crate::http::watched::Watched;
 use crate::hub::{Hub, HubConfig};
 use crate::listen::{accept_loop, bind, default_max_parked};
 use crate::metrics::Metrics;
+use crate::signal::Upgrades;
 use crate::state_dir::StateDir;
+use crate::upgrade::{Outgoing, Received, Role, Upgrade, raw};
 
 pub use crate::listen::{StartError, raise_open_files_limit};
 
@@ -49,19 +51,33 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// A bound node: both listeners, the hub and the bus; [`Server::run`] serves until shutdown.
 pub struct Server {
     config: Config,
-    public: TcpListener,
-    internal: TcpListener,
+    public: Arc<TcpListener>,
+    internal: Arc<TcpListener>,
     tls: Option<TlsAcceptor>,
     hub: Arc<Hub>,
     bus: Option<Arc<Bus>>,
     public_state: Arc<PublicState>,
     internal_state: Arc<InternalState>,
+    /// Connections handed over by the process this one took over from.
+    adopted: Vec<Moved>,
+    /// `SIGUSR2`, when this node upgrades in place (`main` installs it).
+    upgrades: Option<Upgrades>,
 }
 
 impl Server {
     /// Binds both listeners and builds the hub. Logs `listening public=ADDR` and
     /// `listening internal=ADDR`.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
+        Server::build(config, None).await
+    }
+
+    /// Builds a node from what an older process handed over (an upgrade in place): its
+    /// listeners, its connections, its hub's state and its bus position. Binds nothing.
+    pub async fn inherit(config: Config, received: Received) -> Result<Server, StartError> {
+        Server::build(config, Some(received)).await
+    }
+
+    async fn build(config: Config, received: Option<Received>) -> Result<Server, StartError> {
         // Everything that can fail but binding comes first: a bad file or Redis URL never
         // leaves a port bound.
         let tls = config
@@ -95,11 +111,22 @@ impl Server {
             .map(|bus| Bus::new(bus, hub.clone()))
             .transpose()
             .map_err(StartError::Config)?;
-        if let Some(dir) = &config.state_dir {
-            restore(dir, &hub, bus.as_deref());
-        }
-        let public = bind(config.listen)?;
-        let internal = bind(config.internal_listen)?;
+        let mut adopted = Vec::new();
+        let (public, internal) = match received {
+            None => {
+                if let Some(dir) = &config.state_dir {
+                    restore(dir, &hub, bus.as_deref());
+                }
+                (bind(config.listen)?, bind(config.internal_listen)?)
+            }
+            Some(received) => {
+                let inherited = crate::upgrade::restore(received, &hub, bus.as_deref())
+                    .map_err(StartError::Config)?;
+                adopted = inherited.conns;
+                (inherited.public, inherited.internal)
+            }
+        };
+        let (public, internal) = (Arc::new(public), Arc::new(internal));
         let public_addr = public
             .local_addr()
             .expect("a bound listener has an address");
@@ -135,7 +162,15 @@ impl Server {
             bus,
             public_state,
             internal_state,
+            adopted,
+            upgrades: None,
         })
+    }
+
+    /// Upgrades in place at every `SIGUSR2` (see [`crate::upgrade`]).
+    pub fn with_upgrades(mut self, upgrades: Upgrades) -> Server {
+        self.upgrades = Some(upgrades);
+        self
     }
 
     /// The public listener's bound address (the port, when `--listen` asked for 0).
@@ -158,27 +193,33 @@ impl Server {
         self.bus.as_ref()
     }
 
-    /// Serves until `shutdown` resolves, then drains and returns.
+    /// Serves until `shutdown` resolves, then drains and returns. With
+    /// [`Server::with_upgrades`], a `SIGUSR2` hands everything to a new process and returns
+    /// once it has taken over (or, if it fails, goes on serving as before).
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        // Moved out field by field: the accept loops' closures take what they need.
-        let (config, hub) = (self.config, self.hub);
-        let (tls, public_state, internal_state) =
-            (self.tls, self.public_state, self.internal_state);
+        let Server {
+            config,
+            public,
+            internal,
+            tls,
+            hub,
+            bus,
+            public_state,
+            internal_state,
+            adopted,
+            mut upgrades,
+        } = self;
         let sweeper = hub.spawn_sweeper(SWEEP_EVERY);
-        let bus = self.bus;
         let saver = config
             .state_dir
             .as_ref()
             .map(|dir| dir.spawn_saver(hub.clone(), bus.clone(), config.state_interval));
         // With a bus, `/readyz` stays 503 until its first read is done.
-        let bus_task = bus.clone().map(|bus| tokio::spawn(bus.run()));
+        let mut bus_task = bus.clone().map(|bus| tokio::spawn(bus.run()));
 
-        // Three drains, in the order they begin: accepting public connections, the public
-        // connections themselves, and the internal listener with its connections.
-        let public_accept = Drain::new(None);
+        // Public connections live across accept rounds (an upgrade that fails stops and
+        // restarts accepting, never the connections).
         let public_conns = Arc::new(Drain::new(Some(hub.metrics().open_connections.clone())));
-        let internal_drain = Arc::new(Drain::new(None));
-
         let builder = http1_builder(config.header_read_timeout);
         // TLS connections are decrypted by rustls, so hyper serves them all.
         let fast = match (&tls, config.fast_path) {
@@ -192,80 +233,109 @@ impl Server {
             )),
             _ => None,
         };
-        let public_task = {
-            let conns = public_conns.clone();
-            let builder = builder.clone();
-            let timeout = config.header_read_timeout;
-            accept_loop(self.public, public_accept.watcher(), move |stream| {
-                let drain = conns.watcher();
-                // One spawn per kind of connection: a task is as large as its future's largest
-                // state, and a parked poll on the fast path must not pay for a TLS handshake.
-                match (&tls, &fast) {
-                    (None, Some(fast)) => {
-                        // Not wrapped in another future: every byte of this task is paid
-                        // once per parked poll.
-                        tokio::spawn(fast.clone().serve(stream, drain));
-                    }
-                    (None, None) => {
-                        let (stream, client) = Watched::new(stream, Vec::new());
-                        let (builder, service) = (
-                            builder.clone(),
-                            subscribe::service(public_state.clone(), client),
-                        );
-                        tokio::spawn(async move {
-                            serve(&builder, TokioIo::new(stream), service, drain).await;
-                        });
-                    }
-                    (Some(tls), _) => {
-                        // The watch sits under TLS: it sees the client's FIN or RST, and the
-                        // bytes it reads meanwhile are decrypted later, in order.
-                        let (stream, client) = Watched::new(stream, Vec::new());
-                        let (builder, service) = (
-                            builder.clone(),
-                            subscribe::service(public_state.clone(), client),
-                        );
-                        let tls = tls.clone();
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(timeout, tls.accept(stream)).await {
-                                Ok(Ok(stream)) => {
-                                    serve(&builder, TokioIo::new(stream), service, drain).await
-                                }
-                                Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
-                                Err(_) => debug!("TLS handshake timed out"),
-                            }
-                        });
-                    }
+        if !adopted.is_empty() {
+            info!(
+                connections = adopted.len(),
+                "serving the connections handed over"
+            );
+        }
+        for moved in adopted {
+            match &fast {
+                Some(fast) => fast.adopt(moved, public_conns.watcher()),
+                // This binary has no fast path (TLS, or --fast-path false): the connection
+                // is closed, and its client comes back.
+                None => drop(moved),
+            }
+        }
+        let acceptor = Acceptor {
+            public,
+            internal,
+            tls,
+            fast,
+            builder,
+            public_state,
+            internal_state,
+            public_conns,
+            header_read_timeout: config.header_read_timeout,
+        };
+        let mut round = acceptor.start();
+        crate::upgrade::notify_systemd("READY=1");
+        tokio::pin!(shutdown);
+        loop {
+            let upgrade = async {
+                match &mut upgrades {
+                    Some(u) => u.requested().await,
+                    None => std::future::pending().await,
                 }
-            })
-        };
-        let readiness = internal_state.clone();
-        let internal_task = {
-            let conns = internal_drain.clone();
-            accept_loop(self.internal, internal_drain.watcher(), move |stream| {
-                let state = internal_state.clone();
-                let drain = conns.watcher();
-                let builder = builder.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req: Request<Incoming>| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(internal::handle(req, &state).await) }
-                    });
-                    serve(&builder, TokioIo::new(stream), service, drain).await;
-                });
-            })
-        };
-        let public_task = tokio::spawn(public_task);
-        let internal_task = tokio::spawn(internal_task);
-        // Listening on both: ready (until the drain begins).
-        readiness
-            .ready
-            .store(true, std::sync::atomic::Ordering::Release);
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = upgrade => {}
+            }
+            match upgrade_in_place(&config, &acceptor, round, &hub, bus.as_ref()).await {
+                Upgraded::HandedOver => {
+                    // The state directory is the new process's now: no more snapshots
+                    // from here, and none at the end (its next one is newer).
+                    drop(saver);
+                    hub.metrics()
+                        .upgrades_total
+                        .with_label_values(&["handed_over"])
+                        .inc();
+                    // What could not move (hyper's connections, TLS) is answered and closed
+                    // as in a drain.
+                    let conns = &acceptor.public_conns;
+                    hub.begin_drain();
+                    conns.signal();
+                    hub.metrics()
+                        .upgrade_connections_total
+                        .with_label_values(&["drained"])
+                        .inc_by(conns.open() as u64);
+                    hub.drain(Duration::ZERO).await;
+                    if tokio::time::timeout(CLOSE_GRACE, conns.all_gone())
+                        .await
+                        .is_err()
+                    {
+                        warn!(
+                            open = conns.open(),
+                            "connections still open after the handover; leaving them"
+                        );
+                    }
+                    drop(sweeper);
+                    info!("handed over to the new process; exiting");
+                    return Ok(());
+                }
+                Upgraded::No(why, kept) => {
+                    hub.metrics()
+                        .upgrades_total
+                        .with_label_values(&["abandoned"])
+                        .inc();
+                    warn!(reason = %why, "upgrade abandoned; this process goes on serving");
+                    round = match kept {
+                        Some(round) => round,
+                        None => {
+                            if let Some(bus) = &bus {
+                                bus.restart();
+                                bus_task = Some(tokio::spawn(bus.clone().run()));
+                            }
+                            acceptor.start()
+                        }
+                    };
+                }
+            }
+        }
 
-        shutdown.await;
+        let Acceptor {
+            public,
+            internal,
+            public_conns,
+            ..
+        } = acceptor;
         info!(drain_period = ?config.drain_period, "draining");
         hub.begin_drain();
-        public_accept.signal();
-        let _ = public_task.await;
+        round.public_accept.signal();
+        let _ = round.public_task.await;
+        // Closed: new connections are refused, and the load balancer sends them elsewhere.
+        drop(public);
         // Close keep-alive connections now, not after the spread: an idle one would
         // otherwise bring a poll that is answered `reconnect` at once, and its client would
         // come straight back on the same connection, round and round, instead of going to
@@ -295,15 +365,257 @@ impl Server {
                 "connections still open after the drain; leaving them"
             );
         }
-        internal_drain.signal();
-        let _ = internal_task.await;
-        let _ = tokio::time::timeout(CLOSE_GRACE, internal_drain.all_gone()).await;
+        round.internal_accept.signal();
+        let _ = round.internal_task.await;
+        drop(internal);
+        round.internal_conns.signal();
+        let _ = tokio::time::timeout(CLOSE_GRACE, round.internal_conns.all_gone()).await;
         drop(sweeper);
         if let Some(task) = bus_task {
             task.abort();
         }
         info!("drained");
         Ok(())
+    }
+}
+
+/// What the accept loops need, kept for as many rounds of accepting as there are.
+struct Acceptor {
+    public: Arc<TcpListener>,
+    internal: Arc<TcpListener>,
+    tls: Option<TlsAcceptor>,
+    fast: Option<Arc<FastPath>>,
+    builder: hyper::server::conn::http1::Builder,
+    public_state: Arc<PublicState>,
+    internal_state: Arc<InternalState>,
+    public_conns: Arc<Drain>,
+    header_read_timeout: Duration,
+}
+
+/// One round of accepting on both listeners.
+struct Round {
+    public_accept: Drain,
+    internal_accept: Drain,
+    internal_conns: Arc<Drain>,
+    public_task: tokio::task::JoinHandle<()>,
+    internal_task: tokio::task::JoinHandle<()>,
+}
+
+impl Round {
+    /// Stops both accept loops (the listeners stay open: connections wait in the backlog).
+    async fn stop_accepting(&mut self) {
+        self.public_accept.signal();
+        self.internal_accept.signal();
+        let _ = (&mut self.public_task).await;
+        let _ = (&mut self.internal_task).await;
+    }
+}
+
+impl Acceptor {
+    fn start(&self) -> Round {
+        let public_accept = Drain::new(None);
+        let internal_accept = Drain::new(None);
+        let internal_conns = Arc::new(Drain::new(None));
+        let public_task = {
+            let conns = self.public_conns.clone();
+            let (builder, tls, fast, public_state) = (
+                self.builder.clone(),
+                self.tls.clone(),
+                self.fast.clone(),
+                self.public_state.clone(),
+            );
+            let timeout = self.header_read_timeout;
+            accept_loop(
+                self.public.clone(),
+                public_accept.watcher(),
+                move |stream| {
+                    let drain = conns.watcher();
+                    // One spawn per kind of connection: a task is as large as its future's largest
+                    // state, and a parked poll on the fast path must not pay for a TLS handshake.
+                    match (&tls, &fast) {
+                        (None, Some(fast)) => {
+                            // Not wrapped in another future: every byte of this task is paid
+                            // once per parked poll.
+                            tokio::spawn(fast.clone().serve(stream, drain));
+                        }
+                        (None, None) => {
+                            let (stream, client) = Watched::new(stream, Vec::new());
+                            let (builder, service) = (
+                                builder.clone(),
+                                subscribe::service(public_state.clone(), client),
+                            );
+                            tokio::spawn(async move {
+                                serve(&builder, TokioIo::new(stream), service, drain).await;
+                            });
+                        }
+                        (Some(tls), _) => {
+                            // The watch sits under TLS: it sees the client's FIN or RST, and the
+                            // bytes it reads meanwhile are decrypted later, in order.
+                            let (stream, client) = Watched::new(stream, Vec::new());
+                            let (builder, service) = (
+                                builder.clone(),
+                                subscribe::service(public_state.clone(), client),
+                            );
+                            let tls = tls.clone();
+                            tokio::spawn(async move {
+                                match tokio::time::timeout(timeout, tls.accept(stream)).await {
+                                    Ok(Ok(stream)) => {
+                                        serve(&builder, TokioIo::new(stream), service, drain).await
+                                    }
+                                    Ok(Err(e)) => debug!(error = %e, "TLS handshake failed"),
+                                    Err(_) => debug!("TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    }
+                },
+            )
+        };
+        let internal_task = {
+            let conns = internal_conns.clone();
+            let (builder, internal_state) = (self.builder.clone(), self.internal_state.clone());
+            accept_loop(
+                self.internal.clone(),
+                internal_accept.watcher(),
+                move |stream| {
+                    let state = internal_state.clone();
+                    let drain = conns.watcher();
+                    let builder = builder.clone();
+                    tokio::spawn(async move {
+                        let service = service_fn(move |req: Request<Incoming>| {
+                            let state = state.clone();
+                            async move { Ok::<_, Infallible>(internal::handle(req, &state).await) }
+                        });
+                        serve(&builder, TokioIo::new(stream), service, drain).await;
+                    });
+                },
+            )
+        };
+        // Listening on both: ready (until the drain begins).
+        self.internal_state
+            .ready
+            .store(true, std::sync::atomic::Ordering::Release);
+        Round {
+            public_accept,
+            internal_accept,
+            internal_conns,
+            public_task: tokio::spawn(public_task),
+            internal_task: tokio::spawn(internal_task),
+        }
+    }
+}
+
+/// How an upgrade in place ended.
+enum Upgraded {
+    /// The new process serves; this one answers what could not move and exits.
+    HandedOver,
+    /// This process goes on serving: why, and the accept round if it was never stopped
+    /// (`None`: accepting, the connections and the bus must start again).
+    No(String, Option<Round>),
+}
+
+/// How long the fast path's connections get to report for the move (an answer being
+/// written, a head half read); the rest stay and are drained.
+const MOVE_GRACE: Duration = Duration::from_secs(2);
+
+/// The old process's side of the upgrade in place (`crate::upgrade` has the protocol). The
+/// point of no return is `commit`: before it, everything can go back.
+async fn upgrade_in_place(
+    config: &Config,
+    acceptor: &Acceptor,
+    mut round: Round,
+    hub: &Arc<Hub>,
+    bus: Option<&Arc<Bus>>,
+) -> Upgraded {
+    let mut upgrade = match Upgrade::spawn(config.upgrade_timeout) {
+        Ok(u) => u,
+        Err(why) => return Upgraded::No(why, Some(round)),
+    };
+    // Serving as usual until the new process has read its flags and connected.
+    if let Err(why) = upgrade.hello().await {
+        upgrade.abandon().await;
+        return Upgraded::No(why, Some(round));
+    }
+    let started = tokio::time::Instant::now();
+    round.stop_accepting().await;
+    // Every publish is applied by exactly one process: the internal requests in flight
+    // finish here before the snapshot; the ones after wait in the backlog for the new one.
+    round.internal_conns.signal();
+    if tokio::time::timeout(CLOSE_GRACE, round.internal_conns.all_gone())
+        .await
+        .is_err()
+    {
+        upgrade.abandon().await;
+        return Upgraded::No("internal requests still in flight".into(), None);
+    }
+    // The bus reader stops after the entry it is applying; the new one reads on from here
+    // (its position before the snapshot, as docs/design.md's ordering rule asks).
+    let bus_position = match bus {
+        Some(bus) => bus.stop().await,
+        None => None,
+    };
+    // The collector first: a parked poll reports to it as soon as the hub detaches it.
+    let mut moving = acceptor.fast.as_ref().map(|fast| fast.begin_moving());
+    let detached = hub.detach_parked();
+    let mut collected = Vec::new();
+    if let (Some(fast), Some(moving)) = (&acceptor.fast, &mut moving) {
+        let reported = async {
+            detached.dealt_with().await;
+            fast.all_reported().await;
+        };
+        if tokio::time::timeout(MOVE_GRACE, reported).await.is_err() {
+            debug!(
+                left = fast.connections(),
+                "fast-path connections not moved in time; they are drained"
+            );
+        }
+        fast.end_moving();
+        while let Ok(moved) = moving.try_recv() {
+            collected.push(moved);
+        }
+    }
+    let out = Outgoing {
+        listeners: vec![
+            (Role::Public, raw(&*acceptor.public)),
+            (Role::Internal, raw(&*acceptor.internal)),
+        ],
+        conns: collected
+            .iter()
+            .map(|m| (raw(&m.stream), crate::upgrade::to_wire(&m.state)))
+            .collect(),
+        bus_position: bus_position.clone(),
+        hub: crate::upgrade::snapshot(hub),
+    };
+    let moved = collected.len();
+    match upgrade.hand_over(out).await {
+        Ok(()) => {
+            if let Some(pid) = upgrade.pid() {
+                crate::upgrade::notify_systemd(&format!("MAINPID={pid}"));
+            }
+            hub.metrics()
+                .upgrade_connections_total
+                .with_label_values(&["moved"])
+                .inc_by(moved as u64);
+            info!(moved, took = ?started.elapsed(), "connections handed over");
+            Upgraded::HandedOver
+        }
+        Err(why) => {
+            upgrade.abandon().await;
+            if let Some(path) = &config.pid_file
+                && let Err(e) = crate::pid_file::PidFile::rewrite(path)
+            {
+                warn!(error = %e, "--pid-file not rewritten");
+            }
+            // Nothing was served by the new process: every connection is as it was here.
+            hub.end_moving();
+            if let Some(fast) = &acceptor.fast {
+                for moved in collected {
+                    fast.adopt(moved, acceptor.public_conns.watcher());
+                }
+            }
+            // The bus reader's cursor is where it stopped: `Bus::restart` reads on from it.
+            Upgraded::No(why, None)
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! The shutdown signal: SIGTERM or SIGINT, whichever comes first.
+//! The shutdown signal (SIGTERM or SIGINT, whichever comes first) and the upgrade signal
+//! (SIGUSR2).
 
 use std::future::Future;
 
@@ -17,5 +18,22 @@ pub fn shutdown() -> impl Future<Output = ()> {
             _ = int.recv() => "SIGINT",
         };
         tracing::info!(signal = name, "shutdown requested");
+    }
+}
+
+/// `SIGUSR2`: an upgrade in place is asked for (`crate::upgrade`).
+pub struct Upgrades(tokio::signal::unix::Signal);
+
+impl Upgrades {
+    /// Installs the `SIGUSR2` handler now (its default action would kill the process).
+    /// Must be called within the tokio runtime, before binding.
+    pub fn install() -> Upgrades {
+        Upgrades(signal(SignalKind::user_defined2()).expect("a SIGUSR2 handler can be installed"))
+    }
+
+    /// Resolves at the next `SIGUSR2`.
+    pub async fn requested(&mut self) {
+        self.0.recv().await;
+        tracing::info!(signal = "SIGUSR2", "upgrade in place requested");
     }
 }

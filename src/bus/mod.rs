@@ -159,6 +159,13 @@ impl Bus {
         self.position()
     }
 
+    /// After [`Bus::stop`], lets [`Bus::run`] run again from where it stopped: an upgrade in
+    /// place that was abandoned takes its bus back.
+    pub fn restart(&self) {
+        self.stopped.send_replace(false);
+        self.stop.send_replace(false);
+    }
+
     /// Appends a publish to the stream; it is applied here when the reader gets to it,
     /// like everywhere. Returns the entry's id.
     pub async fn publish(&self, batch: &[Publish]) -> Result<EntryId, BusError> {

@@ -202,6 +202,12 @@ async fn route(
         }
         PollStart::TooManyPolls => return Ok(error(&ApiError::TooManyPolls)),
         PollStart::OverCapacity => return Ok(error(&ApiError::OverCapacity)),
+        // An upgrade in place is handing the node's polls over, and hyper's connections do
+        // not move: `reconnect`, as in a drain.
+        PollStart::Moving => {
+            state.hub.metrics().count_answer(Answer::Reconnect);
+            Answer::Reconnect
+        }
     };
     // The id is the credential: its short hash only (evaluated only when debug is on).
     debug!(channel = %log_tag(&query.channel), answer = answer.as_str(), "poll answered");

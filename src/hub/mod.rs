@@ -23,6 +23,7 @@
 //! pending mark back.
 
 mod channel;
+mod handover;
 mod not_live;
 mod poll;
 mod publish;
@@ -45,7 +46,8 @@ pub use channel::Limits;
 use not_live::NotLive;
 use topics::Topics;
 
-pub use poll::{HeldPoll, ParkedPoll};
+pub use handover::{Detached, HandoverToken};
+pub use poll::{HeldPoll, Outcome, ParkedPoll};
 pub use registry::Sweeper;
 pub use snapshot::{ChannelState, HubState, PARKED, Restored, now_ms};
 
@@ -70,14 +72,26 @@ pub const MAX_STREAM_TYPE_LEN: usize = 64;
 /// that woke it.
 pub(crate) struct Delivery {
     answer: Answer,
-    fanout: Option<Arc<FanoutClock>>,
+    rider: Option<Arc<Rider>>,
+}
+
+/// What rides along with an answer, shared by every poll one event answered: one pointer in
+/// the delivery either way, so that a parked poll's channel stays as small as it was.
+pub(crate) enum Rider {
+    /// The clock of the publish that woke the poll.
+    Fanout(FanoutClock),
+    /// Not an answer: the poll is being handed to another process (`handover.rs`).
+    Handover {
+        /// Kept for its drop: see `handover::Tally`.
+        _tally: handover::Tally,
+    },
 }
 
 impl From<Answer> for Delivery {
     fn from(answer: Answer) -> Delivery {
         Delivery {
             answer,
-            fanout: None,
+            rider: None,
         }
     }
 }
@@ -87,7 +101,7 @@ impl From<Answer> for Delivery {
 /// to go observes the histogram. A poll lets go of it when its task has the answer in hand
 /// and returns it to be written, so the time includes the wake-ups and the scheduling of
 /// every woken poll, not only the loop that sends to them (which is far shorter).
-struct FanoutClock {
+pub(crate) struct FanoutClock {
     arrived: Instant,
     histogram: Histogram,
     /// Set when a poll took its answer: a publish whose woken clients had all gone
@@ -193,6 +207,10 @@ pub enum PollStart {
     TooManyPolls,
     /// Over the node's parked limit (`503 over_capacity`).
     OverCapacity,
+    /// The node is handing its polls to another process (an upgrade in place): the poll
+    /// was not started, and nothing of the hub was changed by it. A transport that can
+    /// move the connection moves it with the request; one that cannot answers `reconnect`.
+    Moving,
 }
 
 /// A channel registration, already decoded (validation happens in [`Hub::register`]).
@@ -348,6 +366,8 @@ pub struct Hub {
     parked: AtomicI64,
     draining: AtomicBool,
     drain_started: Notify,
+    /// Set while parked polls are being handed to another process (`handover.rs`).
+    moving: AtomicBool,
     /// Something a snapshot holds has changed since [`Hub::take_changed`] last looked: so
     /// that `--state-dir` writes nothing while a node is idle.
     changed: AtomicBool,
@@ -387,6 +407,7 @@ impl Hub {
             parked: AtomicI64::new(0),
             draining: AtomicBool::new(false),
             drain_started: Notify::new(),
+            moving: AtomicBool::new(false),
             changed: AtomicBool::new(true),
         })
     }

@@ -12,7 +12,9 @@ use tokio::time::{Instant, Sleep, sleep_until};
 
 use super::channel::Waiter;
 use super::not_live::NotLiveAnswer;
-use super::{Answer, Delivery, Hub, PollRequest, PollStart, held_share, park_time};
+use super::{
+    Answer, Delivery, HandoverToken, Hub, PollRequest, PollStart, Rider, held_share, park_time,
+};
 use crate::id::ChannelId;
 use crate::metrics::outcome;
 
@@ -41,6 +43,12 @@ impl Hub {
             drop(shard);
             return self.poll_not_live(id_text);
         };
+        // Looked at under the shard lock, before anything is changed: `Hub::detach_parked`
+        // sets the flag and then sweeps each shard under its lock, so a poll either parks
+        // before the sweep (and is swept) or sees the flag (see `handover.rs`).
+        if self.is_moving() {
+            return PollStart::Moving;
+        }
         // Every way on from here changes the channel (its mark, its ttl clock, a waiter).
         self.note_change();
         // A poll answered at once ends now: the ttl clock starts again from here (SPEC §3,
@@ -98,12 +106,51 @@ impl Hub {
         })
     }
 
+    /// Parks a poll that another process had parked and handed over (an upgrade in place),
+    /// with the deadline it had there: not a new poll, so no cap is checked and nothing is
+    /// counted but the parked poll itself. A change that is pending by now (a bus replay)
+    /// answers it at once; a channel this hub does not know answers `reconnect`, as a poll
+    /// of a channel that expired while parked would be.
+    pub fn repark(self: &Arc<Self>, id_text: &str, deadline: Instant) -> PollStart {
+        let Some(id) = ChannelId::parse(id_text) else {
+            return self.answer_now(Answer::Reconnect);
+        };
+        let mut shard = self.shard(id).lock();
+        let Some(ch) = shard.get_mut(&id) else {
+            return self.answer_now(Answer::Reconnect);
+        };
+        self.note_change();
+        if ch.pending.is_set() {
+            ch.pending.clear();
+            ch.touch_if_idle(Instant::now());
+            return self.answer_now(Answer::NewChange);
+        }
+        let (tx, rx) = oneshot::channel();
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        ch.waiters.push(Waiter { key, tx });
+        ch.idle_deadline = None;
+        self.count_parked(1);
+        PollStart::Park(ParkedPoll {
+            hub: self.clone(),
+            id,
+            key,
+            deadline,
+            rx,
+            expired: false,
+            settled: false,
+        })
+    }
+
     pub(super) fn answer_now(&self, answer: Answer) -> PollStart {
         self.metrics.count_answer(answer);
         PollStart::Answer(answer)
     }
 
     pub(super) fn poll_not_live(self: &Arc<Self>, id_text: &str) -> PollStart {
+        // The not-live ids are handed over too: leave them as they are.
+        if self.is_moving() {
+            return PollStart::Moving;
+        }
         let verdict = self.not_live.lock().poll(id_text, Instant::now());
         match verdict {
             NotLiveAnswer::MaxRetries => self.answer_now(Answer::MaxRetries),
@@ -212,7 +259,14 @@ impl ParkedPoll {
         self.deadline
     }
 
+    /// The channel it is parked on.
+    pub fn channel(&self) -> ChannelId {
+        self.id
+    }
+
     /// Waits for the answer: a publish, a revoke, the drain, or the park time running out.
+    /// A poll being handed to another process is answered `reconnect` here, as in a drain:
+    /// only a transport that can move its connection ([`ParkedPoll::poll_outcome`]) moves.
     pub async fn wait(mut self) -> Answer {
         let mut park_time = std::pin::pin!(sleep_until(self.deadline));
         std::future::poll_fn(|cx| self.poll_answer(park_time.as_mut(), cx)).await
@@ -226,6 +280,24 @@ impl ParkedPoll {
         park_time: Pin<&mut Sleep>,
         cx: &mut Context<'_>,
     ) -> Poll<Answer> {
+        self.poll_outcome(park_time, cx)
+            .map(|outcome| match outcome {
+                Outcome::Answer(answer) => answer,
+                Outcome::Handover(token) => {
+                    token.not_moved();
+                    self.hub.metrics.count_answer(Answer::Reconnect);
+                    Answer::Reconnect
+                }
+            })
+    }
+
+    /// [`ParkedPoll::poll_answer`] for a transport that can move its connection to another
+    /// process: a poll being handed over comes out as [`Outcome::Handover`], unanswered.
+    pub fn poll_outcome(
+        &mut self,
+        park_time: Pin<&mut Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Outcome> {
         let gone = || Delivery::from(Answer::Reconnect);
         if let Poll::Ready(sent) = Pin::new(&mut self.rx).poll(cx) {
             return Poll::Ready(self.settle(sent.unwrap_or_else(|_| gone())));
@@ -254,14 +326,22 @@ impl ParkedPoll {
         }
     }
 
-    fn settle(&mut self, delivery: Delivery) -> Answer {
+    fn settle(&mut self, delivery: Delivery) -> Outcome {
         self.settled = true;
-        self.hub.metrics.count_answer(delivery.answer);
-        if let Some(clock) = &delivery.fanout {
-            clock.answered.store(true, Ordering::Relaxed);
+        match delivery.rider {
+            Some(rider) if matches!(*rider, Rider::Handover { .. }) => {
+                return Outcome::Handover(HandoverToken::new(rider));
+            }
+            Some(rider) => {
+                if let Rider::Fanout(clock) = &*rider {
+                    clock.answered.store(true, Ordering::Relaxed);
+                }
+                // Dropping it here releases this poll's hold on the publish's fan-out clock.
+            }
+            None => {}
         }
-        // Dropping `delivery` here releases this poll's hold on the publish's fan-out clock.
-        delivery.answer
+        self.hub.metrics.count_answer(delivery.answer);
+        Outcome::Answer(delivery.answer)
     }
 }
 
@@ -271,6 +351,15 @@ impl Drop for ParkedPoll {
             self.hub.abandon_poll(self.id, self.key, &mut self.rx);
         }
     }
+}
+
+/// How a parked poll ended, for a transport that can move connections.
+pub enum Outcome {
+    /// Answered.
+    Answer(Answer),
+    /// Taken off its channel, unanswered, to be handed to another process: the transport
+    /// moves the connection and then drops the token (see [`crate::hub::Detached`]).
+    Handover(HandoverToken),
 }
 
 /// A poll of a channel that is not live, held 1–3 s before `reconnect` (SPEC §3).
@@ -287,7 +376,7 @@ impl HeldPoll {
         let drain = self.hub.drain_started.notified();
         tokio::pin!(drain);
         drain.as_mut().enable();
-        if !self.hub.is_draining() {
+        if !self.hub.is_draining() && !self.hub.is_moving() {
             tokio::select! {
                 _ = sleep_until(self.until) => {}
                 _ = drain => {}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Answer, Delivery, FanoutClock, Hub, Publish, PublishReport, answer_spread};
+use super::{Answer, Delivery, FanoutClock, Hub, Publish, PublishReport, Rider, answer_spread};
 use crate::id::ChannelId;
 
 impl Hub {
@@ -22,13 +22,13 @@ impl Hub {
             ChannelId,
             Option<u64>,
             oneshot::Sender<Delivery>,
-            Arc<FanoutClock>,
+            Arc<Rider>,
         );
         let mut wake: Vec<Wake> = Vec::new();
         for p in batch {
             ids.clear();
             // One clock per publish, made when it first wakes a poll.
-            let mut clock: Option<Arc<FanoutClock>> = None;
+            let mut clock: Option<Arc<Rider>> = None;
             self.topics.publish(&p.topic, p.position, arrived, &mut ids);
             for &id in &ids {
                 let mut shard = self.shard(id).lock();
@@ -43,11 +43,11 @@ impl Hub {
                 } else {
                     let n = ch.waiters.len() as i64;
                     let clock = clock.get_or_insert_with(|| {
-                        Arc::new(FanoutClock {
+                        Arc::new(Rider::Fanout(FanoutClock {
                             arrived,
                             histogram: self.metrics.fanout_seconds.clone(),
                             answered: AtomicBool::new(false),
-                        })
+                        }))
                     });
                     wake.extend(
                         ch.waiters
@@ -65,7 +65,7 @@ impl Hub {
         for (id, position, tx, clock) in wake {
             let delivery = Delivery {
                 answer: Answer::NewChange,
-                fanout: Some(clock),
+                rider: Some(clock),
             };
             if tx.send(delivery).is_ok() {
                 woken += 1;

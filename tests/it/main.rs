@@ -22,3 +22,4 @@ mod semantics;
 mod state_dir;
 mod support;
 mod tools;
+mod upgrade;

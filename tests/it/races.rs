@@ -100,7 +100,8 @@ async fn hub_no_publish_is_lost_under_racing_polls_timeouts_and_disconnects() {
                                 _ = tokio::time::sleep(cancel_after) => { cancelled.fetch_add(1, Ordering::Relaxed); }
                             }
                         }
-                        PollStart::TooManyPolls | PollStart::OverCapacity | PollStart::Hold(_) => {
+                        PollStart::TooManyPolls | PollStart::OverCapacity | PollStart::Hold(_)
+                        | PollStart::Moving => {
                             panic!("unexpected start")
                         }
                     }

@@ -22,6 +22,7 @@
 //! targets drive), `write.rs` writes prebuilt answers.
 
 mod classify;
+mod handover;
 mod write;
 
 use std::cell::RefCell;
@@ -36,6 +37,8 @@ use tokio::io::ReadBuf;
 use tokio::net::TcpStream;
 
 pub use classify::{Classified, FastRequest, classify};
+use handover::{FastTask, Mover};
+pub use handover::{Moved, MovedState};
 use write::{Prebuilt, try_write_reply, write_rest};
 
 use super::conn::MAX_HEAD_BYTES;
@@ -44,7 +47,7 @@ use super::subscribe::{self, PublicState, SubscribeQuery};
 use super::watched::{self, Queued, Watched};
 use crate::drain::Watcher;
 use crate::error::ApiError;
-use crate::hub::{Answer, ParkedPoll, PollRequest, PollStart};
+use crate::hub::{Answer, Outcome, ParkedPoll, PollRequest, PollStart};
 use crate::metrics::ParkedOn;
 
 /// Scratch space per worker thread for reading request heads.
@@ -63,6 +66,8 @@ pub struct FastPath {
     answers: [Prebuilt; 4],
     too_many_polls: Prebuilt,
     over_capacity: Prebuilt,
+    /// Moving connections to another process (an upgrade in place).
+    mover: Mover,
 }
 
 /// What the fast path answers.
@@ -74,7 +79,7 @@ enum Reply {
 }
 
 /// How one answer is written besides its kind.
-struct Framing {
+pub(crate) struct Framing {
     /// The client asked for `Connection: close`.
     close_requested: bool,
     /// The allowed `Origin` to echo (see [`FastRequest::allowed_origin`]).
@@ -88,6 +93,9 @@ enum NextHead {
     Hyper(Vec<u8>),
     /// The client closed, or sent nothing in time, or the node is draining.
     Done,
+    /// Idle, and the node is handing its connections over: nothing of the next request
+    /// has been read.
+    Move,
 }
 
 /// How waiting on a parked poll ended.
@@ -98,6 +106,8 @@ enum Waited {
     /// The client sent more bytes behind its request: from here on they must be read for
     /// its leaving to be seen ([`FastPath::serve_queued`]).
     Queued,
+    /// Taken off its channel to be handed to another process.
+    Handover(crate::hub::HandoverToken),
 }
 
 impl FastPath {
@@ -125,6 +135,7 @@ impl FastPath {
             state,
             builder,
             header_read_timeout,
+            mover: Mover::new(),
         }
     }
 
@@ -143,33 +154,78 @@ impl FastPath {
     /// parked poll does not need (reading a head, with its timers; hyper; a held poll; a
     /// client that queued bytes behind its poll) are boxed, and the parked state itself is
     /// `wait_parked`.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, mut close: Watcher) {
+    pub async fn serve(self: Arc<Self>, stream: TcpStream, close: Watcher) {
+        let task = self.mover.enter();
+        self.serve_from(stream, close, task, None).await
+    }
+
+    /// [`FastPath::serve`], beginning with `first` (a poll already started, with its
+    /// framing) when given: a connection moved here by an upgrade in place.
+    async fn serve_from(
+        self: Arc<Self>,
+        mut stream: TcpStream,
+        mut close: Watcher,
+        task: FastTask,
+        mut first: Option<Box<(PollStart, Framing)>>,
+    ) {
         loop {
             // Scoped so that nothing of the request outlives the start of the poll.
-            let (start, framing) = match Box::pin(self.next_head(&stream, &mut close)).await {
-                NextHead::Fast(FastRequest {
-                    query,
-                    close,
-                    allowed_origin,
-                }) => {
-                    self.served.inc();
-                    let framing = Framing {
-                        close_requested: close,
-                        origin: allowed_origin,
-                    };
-                    (self.start_poll(query), framing)
-                }
-                NextHead::Hyper(prefix) => {
-                    // Boxed: hyper's connection future is large.
-                    Box::pin(self.hand_to_hyper(stream, prefix, close)).await;
-                    return;
-                }
-                NextHead::Done => return,
+            let (start, mut framing) = match first.take() {
+                Some(first) => *first,
+                None => match Box::pin(self.next_head(&stream, &mut close)).await {
+                    NextHead::Fast(FastRequest {
+                        query,
+                        close,
+                        allowed_origin,
+                    }) => {
+                        self.served.inc();
+                        let framing = Framing {
+                            close_requested: close,
+                            origin: allowed_origin,
+                        };
+                        match self.start_poll(&query) {
+                            // The node is handing its connections over: this one goes with
+                            // its request, to be started by the new process.
+                            PollStart::Moving => {
+                                let state = MovedState::Pending {
+                                    query,
+                                    close: framing.close_requested,
+                                    origin: framing.origin.map(Vec::from),
+                                };
+                                match self.mover.try_move(stream, state) {
+                                    Ok(()) => return,
+                                    Err((back, framing)) => {
+                                        stream = back;
+                                        (PollStart::Moving, framing.expect("a poll's framing"))
+                                    }
+                                }
+                            }
+                            start => (start, framing),
+                        }
+                    }
+                    NextHead::Hyper(prefix) => {
+                        drop(task);
+                        // Boxed: hyper's connection future is large.
+                        Box::pin(self.hand_to_hyper(stream, prefix, close)).await;
+                        return;
+                    }
+                    NextHead::Move => match self.mover.try_move(stream, MovedState::Idle) {
+                        Ok(()) => return,
+                        // The handover ended meanwhile: read the head as usual.
+                        Err((back, _)) => {
+                            stream = back;
+                            continue;
+                        }
+                    },
+                    NextHead::Done => return,
+                },
             };
             let (reply, parked) = match start {
                 PollStart::Answer(a) => (Reply::Answer(a), None),
                 PollStart::TooManyPolls => (Reply::TooManyPolls, None),
                 PollStart::OverCapacity => (Reply::OverCapacity, None),
+                // Could not move (the handover ended meanwhile): as in a drain.
+                PollStart::Moving => (Reply::Answer(self.reconnect()), None),
                 // Rare (ids that are not live): boxed, like the read above.
                 PollStart::Hold(held) => {
                     let mut queued = Vec::new();
@@ -177,6 +233,7 @@ impl FastPath {
                         None => return, // the client went away
                         Some(a) if queued.is_empty() => (Reply::Answer(a), None),
                         Some(a) => {
+                            drop(task);
                             let rest = (stream, queued, close);
                             Box::pin(self.answer_then_hyper(Reply::Answer(a), None, framing, rest))
                                 .await;
@@ -190,8 +247,31 @@ impl FastPath {
                         Waited::Answer(a) => (Reply::Answer(a), Some(parked)),
                         Waited::Gone => return, // dropping the poll keeps a change pending
                         Waited::Queued => {
+                            drop(task);
                             Box::pin(self.serve_queued(stream, parked, framing, close)).await;
                             return;
+                        }
+                        Waited::Handover(token) => {
+                            let state = MovedState::Parked {
+                                channel: parked.channel().to_string(),
+                                deadline: parked.deadline(),
+                                close: framing.close_requested,
+                                origin: framing.origin.map(Vec::from),
+                            };
+                            // Settled: dropping it touches nothing on the hub.
+                            drop(parked);
+                            let moved = self.mover.try_move(stream, state);
+                            // Only now: the collector holds the connection before the
+                            // handover counts this poll as dealt with.
+                            drop(token);
+                            match moved {
+                                Ok(()) => return,
+                                Err((back, back_framing)) => {
+                                    stream = back;
+                                    framing = back_framing.expect("a poll's framing");
+                                    (Reply::Answer(self.reconnect()), None)
+                                }
+                            }
                         }
                     }
                 }
@@ -200,6 +280,12 @@ impl FastPath {
                 return;
             }
         }
+    }
+
+    /// A `reconnect` for a poll that neither moved nor parked during a handover, counted.
+    fn reconnect(&self) -> Answer {
+        self.state.hub.metrics().count_answer(Answer::Reconnect);
+        Answer::Reconnect
     }
 
     /// Writes an answer; `false` when the connection ends after it (asked for, draining,
@@ -279,8 +365,9 @@ impl FastPath {
     /// The next request head, or `Done` when the client closes, sends nothing in time, or
     /// the node starts draining.
     async fn next_head(&self, stream: &TcpStream, close: &mut Watcher) -> NextHead {
+        let mut moving = self.mover.watch();
         tokio::select! {
-            next = tokio::time::timeout(self.header_read_timeout, self.read_head(stream)) => match next {
+            next = tokio::time::timeout(self.header_read_timeout, self.read_head(stream, &mut moving)) => match next {
                 Ok(Ok(next)) => next,
                 Ok(Err(_)) | Err(_) => NextHead::Done,
             },
@@ -289,7 +376,7 @@ impl FastPath {
     }
 
     /// Starts the poll on the hub.
-    fn start_poll(&self, query: SubscribeQuery) -> PollStart {
+    fn start_poll(&self, query: &SubscribeQuery) -> PollStart {
         let request = PollRequest {
             stream_position: query.stream_position,
             dont_block: query.dont_block,
@@ -302,10 +389,23 @@ impl FastPath {
 
     /// Reads the next request head: from the per-thread scratch buffer when it arrives in
     /// one piece (the common case, nothing allocated), into a buffer of its own otherwise.
-    async fn read_head(&self, stream: &TcpStream) -> io::Result<NextHead> {
+    /// Between requests (nothing read yet) it gives way to a handover: `Move`.
+    async fn read_head(
+        &self,
+        stream: &TcpStream,
+        moving: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> io::Result<NextHead> {
         let mut pieces: Option<Vec<u8>> = None;
         loop {
-            stream.readable().await?;
+            if pieces.is_none() {
+                tokio::select! {
+                    biased;
+                    _ = moving.wait_for(|m| *m) => return Ok(NextHead::Move),
+                    readable = stream.readable() => readable?,
+                }
+            } else {
+                stream.readable().await?;
+            }
             let step = SCRATCH.with_borrow_mut(|scratch| -> io::Result<Option<NextHead>> {
                 let n = match stream.try_read(scratch) {
                     Ok(0) => return Ok(Some(NextHead::Done)),
@@ -395,8 +495,11 @@ async fn wait_parked(stream: &TcpStream, parked: &mut ParkedPoll) -> Waited {
             Poll::Pending => {}
         }
         parked
-            .poll_answer(park_time.as_mut(), cx)
-            .map(Waited::Answer)
+            .poll_outcome(park_time.as_mut(), cx)
+            .map(|outcome| match outcome {
+                Outcome::Answer(a) => Waited::Answer(a),
+                Outcome::Handover(token) => Waited::Handover(token),
+            })
     })
     .await
 }
