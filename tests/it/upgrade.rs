@@ -674,8 +674,11 @@ async fn post_retrying(http: &reqwest::Client, url: &str, body: &Value) -> bool 
 }
 
 impl Deployed {
-    /// What the old process's log says it moved.
+    /// What the old process's log says it moved (it logs it as its handover ends, which
+    /// may come after the new process already serves: waited for).
     fn moved(&self) -> usize {
+        self.node
+            .wait_log("connections handed over", Duration::from_secs(10));
         self.node
             .logs()
             .iter()
