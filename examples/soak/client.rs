@@ -160,7 +160,12 @@ pub(crate) async fn client(ctx: Arc<Ctx>, slot: usize, life: Life, mut rng: fast
                 }
                 PollEnd::Transport => {
                     ctx.ledger.cancelled(slot);
-                    if ctx.node_current(&channel.node) {
+                    if ctx.cut_by_crash(&channel.node) {
+                        // Killed, coming back where it was: the same URL again, soon.
+                        inc(&ctx.figures.cut_by_crash);
+                        drop(conn.take());
+                        sleep(Duration::from_millis(50)).await;
+                    } else if ctx.node_current(&channel.node) {
                         inc(&ctx.figures.transport_errors);
                         sleep(Duration::from_millis(50)).await;
                     }

@@ -25,7 +25,11 @@
 //! ways — every node's Redis connection killed, Redis paused for 6 s (both replayed: nothing
 //! is excused for them), Redis killed and restarted empty (a reset: every node wakes all) —;
 //! at 60 % the second node is drained with SIGTERM (it must exit 0) and started again, while
-//! its clients go back to the main API for a URL on the other.
+//! its clients go back to the main API for a URL on the other; at 75 % the first node is
+//! upgraded in place (`SIGUSR2`: its clients keep their connections and notice nothing); at
+//! 85 % the second node is killed (SIGKILL) and started again on its addresses with its
+//! `--state-dir`, while its clients keep polling their URLs (connections it cut or refused
+//! meanwhile are counted apart, not as errors). Neither of the last two is excused anything.
 //!
 //! Small `--ttl`, `--retry-timeout` and `--max-retries` make reconnects, retirements and
 //! expiries happen all the time. At the end every client leaves, and the run checks that
@@ -103,7 +107,7 @@
 //! - `publish`: the main API's publisher, and the bus tracker.
 //! - `checker`: the ledger of obligations and the rule above.
 //! - `drills`: the bus drills (connections killed, Redis paused, Redis restarted empty); a
-//!   node drained and restarted.
+//!   node drained and restarted; a node upgraded in place; a node crashed and restored.
 //! - `report`: the figures, the JSON report and the verdict.
 //! - here: the flags, the shared state, and the run from start to verdict.
 
@@ -131,7 +135,7 @@ use tokio::time::{Instant, sleep};
 
 use checker::{Book, Kind, Ledger};
 use client::{Life, client};
-use drills::{bus_drills, drain_drill};
+use drills::{bus_drills, crash_drill, drain_drill, upgrade_drill};
 use node::Node;
 use nudge_testkit::redis::RedisServer;
 use publish::{publisher, tracker};
@@ -187,7 +191,8 @@ struct Args {
     nodes: usize,
     /// Fault drills (needs `--nodes 2`): the bus drills from 20 % of the run (connections
     /// killed, Redis paused, Redis restarted empty), the second node drained with SIGTERM and
-    /// restarted at 60 % while its clients move.
+    /// restarted at 60 % while its clients move, the first upgraded in place at 75 %, the
+    /// second killed and restored from its state directory at 85 %.
     #[arg(long)]
     drills: bool,
     /// The Redis server binary for `--nodes 2`.
@@ -228,6 +233,9 @@ struct NodeSlot {
     up: bool,
     /// Its bus subscription is up (`/readyz` would say 200).
     bus_ok: bool,
+    /// Killed by the crash drill and coming back on the same addresses: until this instant
+    /// (unset while it is down), a broken connection to it is the crash's doing.
+    crash_cut_until: Option<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -245,6 +253,8 @@ struct Figures {
     transport_errors: AtomicU64,
     /// Clients that went back to the main API because their node drained.
     moved: AtomicU64,
+    /// Polls whose connection the crash drill cut or refused (retried on the same URL).
+    cut_by_crash: AtomicU64,
     protocol_errors: AtomicU64,
     registrations: AtomicU64,
     leaves: AtomicU64,
@@ -318,6 +328,15 @@ impl Ctx {
             return Some(preferred.addrs);
         }
         nodes.iter().find(|n| ok(n)).map(|n| n.addrs)
+    }
+
+    /// Whether a broken connection to this node is the crash drill's doing.
+    fn cut_by_crash(&self, addrs: &NodeAddrs) -> bool {
+        match self.nodes.read()[addrs.index].crash_cut_until {
+            Some(None) => true,
+            Some(Some(until)) => Instant::now() < until,
+            None => false,
+        }
     }
 
     /// Whether the node a channel lives on is still there and not draining.
@@ -467,10 +486,28 @@ async fn run(args: Args) -> Result<bool, String> {
         node_args.extend(["--redis-url".to_owned(), r.url()]);
         redis = Some(r);
     }
+    // node-a can be upgraded in place (the upgrade drill follows it through its pid file);
+    // node-b, once restarted by the drain drill, keeps a state directory for the crash drill.
+    let pid_file = log_dir.join("node-a.pid");
+    let node_a_args: Vec<String> = node_args
+        .iter()
+        .cloned()
+        .chain(["--pid-file".to_owned(), pid_file.display().to_string()])
+        .collect();
+    let node_b_restart_args: Vec<String> = node_args
+        .iter()
+        .cloned()
+        .chain([
+            "--state-dir".to_owned(),
+            log_dir.join("node-b-state").display().to_string(),
+            "--state-interval".to_owned(),
+            "200ms".to_owned(),
+        ])
+        .collect();
     let mut node = Node::start(
         "node-a",
         &bin,
-        &node_args,
+        &node_a_args,
         log_dir.join("node-a.log"),
         &http,
     )
@@ -535,6 +572,7 @@ async fn run(args: Args) -> Result<bool, String> {
                     },
                     up: true,
                     bus_ok: true,
+                    crash_cut_until: None,
                 })
                 .collect(),
         ),
@@ -582,8 +620,13 @@ async fn run(args: Args) -> Result<bool, String> {
     let mut ticks = 0u64;
     let redis_drill_at = started + args.duration.mul_f64(0.2);
     let drain_drill_at = started + args.duration.mul_f64(0.6);
+    let upgrade_drill_at = started + args.duration.mul_f64(0.75);
+    let crash_drill_at = started + args.duration.mul_f64(0.85);
     let mut redis_task = None;
     let mut drain_task = None;
+    let mut drain_started = false;
+    let mut upgraded = false;
+    let mut crash_task = None;
     while Instant::now() < end {
         sleep(Duration::from_millis(100)).await;
         ctx.ledger.scan();
@@ -594,7 +637,8 @@ async fn run(args: Args) -> Result<bool, String> {
             let r = redis.take().expect("started with --nodes 2");
             redis_task = Some(tokio::spawn(bus_drills(ctx.clone(), r)));
         }
-        if args.drills && drain_task.is_none() && Instant::now() >= drain_drill_at {
+        if args.drills && !drain_started && Instant::now() >= drain_drill_at {
+            drain_started = true;
             eprintln!("soak: drill: node-b drained with SIGTERM and restarted");
             let b = other.take().expect("started with --nodes 2");
             drain_task = Some(tokio::spawn(drain_drill(
@@ -602,8 +646,28 @@ async fn run(args: Args) -> Result<bool, String> {
                 b,
                 1,
                 bin.clone(),
-                node_args.clone(),
+                node_b_restart_args.clone(),
                 log_dir.join("node-b-restarted.log"),
+            )));
+        }
+        if args.drills && !upgraded && Instant::now() >= upgrade_drill_at {
+            upgraded = true;
+            eprintln!("soak: drill: node-a upgraded in place with SIGUSR2");
+            upgrade_drill(&ctx, &mut node, &pid_file).await;
+        }
+        if crash_task.is_none()
+            && Instant::now() >= crash_drill_at
+            && drain_task.as_ref().is_some_and(|t| t.is_finished())
+        {
+            eprintln!("soak: drill: node-b killed with SIGKILL and started again with its state");
+            let b = drain_task.take().expect("finished").await;
+            crash_task = Some(tokio::spawn(crash_drill(
+                ctx.clone(),
+                b.map_err(|e| e.to_string())?,
+                1,
+                bin.clone(),
+                node_b_restart_args.clone(),
+                log_dir.join("node-b-after-crash.log"),
             )));
         }
         ticks += 1;
@@ -665,6 +729,21 @@ async fn run(args: Args) -> Result<bool, String> {
                 .lock()
                 .push("drain drill did not finish".to_owned()),
         }
+    }
+    let crashed = crash_task.is_some();
+    if let Some(t) = crash_task {
+        match tokio::time::timeout(Duration::from_secs(60), t).await {
+            Ok(Ok(b)) => other = Some(b),
+            _ => ctx
+                .drill_failures
+                .lock()
+                .push("crash drill did not finish".to_owned()),
+        }
+    }
+    if args.drills && !(upgraded && crashed) {
+        ctx.drill_failures
+            .lock()
+            .push("a drill did not run (the run is too short for all of them)".to_owned());
     }
 
     // Leak check: everything returns to 0 once ttl has passed.

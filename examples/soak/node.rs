@@ -1,6 +1,7 @@
 //! One real `nudge` process (the test kit's [`nudge_testkit::Node`]): started on free loopback
-//! ports, its stderr copied to a log file, taken as up once `/readyz` answers 200; its metrics
-//! and resident memory read from outside.
+//! ports (or given ones, to come back where it was), its stderr copied to a log file, taken as
+//! up once `/readyz` answers 200; its metrics and resident memory read from outside. After an
+//! upgrade in place it follows the process that took over.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +17,9 @@ pub struct Node {
     pub public: SocketAddr,
     pub internal: SocketAddr,
     process: nudge_testkit::Node,
+    /// The process that took over in an upgrade in place (not our child: it is followed by
+    /// its pid; its stderr is the same pipe, so the log goes on).
+    successor: Option<u32>,
 }
 
 impl Node {
@@ -27,8 +31,38 @@ impl Node {
         log: PathBuf,
         http: &reqwest::Client,
     ) -> Result<Node, String> {
+        Node::start_on(name, bin, &FREE_PORTS.map(str::to_owned), args, log, http).await
+    }
+
+    /// Starts `bin` with `args` on the addresses `old` had (a restart after a crash, which
+    /// its clients reach at the URLs they have) and waits until it is ready.
+    pub async fn restart(
+        old: &Node,
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        log: PathBuf,
+        http: &reqwest::Client,
+    ) -> Result<Node, String> {
+        let at = [
+            "--listen".to_owned(),
+            old.public.to_string(),
+            "--internal-listen".to_owned(),
+            old.internal.to_string(),
+        ];
+        Node::start_on(name, bin, &at, args, log, http).await
+    }
+
+    async fn start_on(
+        name: &str,
+        bin: &Path,
+        listen: &[String],
+        args: &[String],
+        log: PathBuf,
+        http: &reqwest::Client,
+    ) -> Result<Node, String> {
         let mut command = std::process::Command::new(bin);
-        command.args(FREE_PORTS).args(args).env("RUST_LOG", "info");
+        command.args(listen).args(args).env("RUST_LOG", "info");
         let options = Options {
             within: Duration::from_secs(20),
             keep: 20,
@@ -46,6 +80,7 @@ impl Node {
             public: process.public,
             internal: process.internal,
             process,
+            successor: None,
         };
         let ready = node.internal_url("/readyz");
         let until = Instant::now() + Duration::from_secs(20);
@@ -69,9 +104,26 @@ impl Node {
         format!("http://{}{}", self.internal, path)
     }
 
+    /// The process serving now.
+    pub fn pid(&self) -> u32 {
+        self.successor.unwrap_or_else(|| self.process.pid())
+    }
+
+    /// From now on, `pid` (which took over in an upgrade in place) is this node.
+    pub fn follow(&mut self, pid: u32) {
+        self.successor = Some(pid);
+    }
+
+    /// The log lines kept so far (the successor's included).
+    pub fn logs(&self) -> Vec<String> {
+        self.process.logs()
+    }
+
     /// Resident memory of the process, from `/proc`.
     pub fn rss_bytes(&self) -> Option<u64> {
-        self.process.rss_bytes()
+        nudge_testkit::memory::memory(self.pid())
+            .ok()
+            .map(|m| m.rss_kb * 1024)
     }
 
     /// Every unlabelled sample of `GET /metrics`, and labelled ones under their full name.
@@ -95,11 +147,57 @@ impl Node {
     }
 
     pub fn sigterm(&self) {
-        self.process.signal("TERM");
+        self.signal("TERM");
     }
 
-    /// Waits for the process to exit, up to `limit`.
+    pub fn signal(&self, name: &str) -> bool {
+        nudge_testkit::signal(&[self.pid()], name)
+    }
+
+    /// Waits for the process to exit, up to `limit`. A successor is not our child: its exit
+    /// status cannot be read, so it is taken as a success once it is gone (its log says how
+    /// it ended).
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        self.process.exited(limit).await
+        let Some(pid) = self.successor else {
+            return self.process.exited(limit).await;
+        };
+        let until = Instant::now() + limit;
+        while running(pid) {
+            if Instant::now() > until {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Some(ExitStatus::default())
+    }
+
+    /// SIGKILL (a crash), and waits for it to be gone.
+    pub fn kill(&mut self) {
+        match self.successor {
+            Some(pid) => {
+                nudge_testkit::signal(&[pid], "KILL");
+                let until = std::time::Instant::now() + Duration::from_secs(10);
+                while running(pid) && std::time::Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            None => self.process.kill(),
+        }
+    }
+}
+
+/// `pid` is a live process: not gone, and not a zombie waiting for its reaper.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(pid) = self.successor.filter(|&pid| running(pid)) {
+            nudge_testkit::signal(&[pid], "KILL");
+        }
     }
 }

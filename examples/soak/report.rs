@@ -170,10 +170,11 @@ pub(crate) fn report(ctx: &Ctx, outcome: Outcome) -> bool {
     }
     if args.drills {
         println!(
-            "  drills       {} obligations published around the bus gap (due 2 s after the nodes' 2 s gap spread), slowest {:.2}s; {} clients moved off the drained node",
+            "  drills       {} obligations published around the bus gap (due 2 s after the nodes' 2 s gap spread), slowest {:.2}s; {} clients moved off the drained node; {} polls cut or refused by the crashed node (retried on their URL)",
             g(&c.gap_obligations),
             ctx.ledger.gap_latency_max().as_secs_f64(),
-            g(&f.moved)
+            g(&f.moved),
+            g(&f.cut_by_crash)
         );
     }
     if g(&f.transport_errors) + g(&f.protocol_errors) > 0 {

@@ -675,14 +675,15 @@ async fn post_retrying(http: &reqwest::Client, url: &str, body: &Value) -> bool 
 
 impl Deployed {
     /// What the old process's log says it moved (it logs it as its handover ends, which
-    /// may come after the new process already serves: waited for).
+    /// may come after the new process already serves: waited for). The new process's
+    /// "serving the connections handed over" has no count.
     fn moved(&self) -> usize {
-        self.node
-            .wait_log("connections handed over", Duration::from_secs(10));
+        const LINE: &str = "connections handed over moved=";
+        self.node.wait_log(LINE, Duration::from_secs(10));
         self.node
             .logs()
             .iter()
-            .find(|l| l.contains("connections handed over"))
+            .find(|l| l.contains(LINE))
             .and_then(|l| {
                 l.split("moved=")
                     .nth(1)?

@@ -79,6 +79,36 @@ def _stop(proc, sig=signal.SIGTERM, timeout=10):
         return proc.wait(5)
 
 
+def _read_pid(path):
+    try:
+        return int(Path(path).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _running(pid):
+    """pid is a live process (not gone, not a zombie waiting for its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _stop_adopted(pid, timeout):
+    """Stop a process that is not our child (it was started by an upgrade): SIGTERM,
+    then SIGKILL after timeout. Returns 0 when it ended on SIGTERM."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return 0
+    try:
+        wait_until(lambda: not _running(pid), timeout, what=f"process {pid} to exit")
+        return 0
+    except TimeoutError:
+        os.kill(pid, signal.SIGKILL)
+        return -signal.SIGKILL
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -90,6 +120,7 @@ class Nudge:
         self.args = list(args)
         self.env = env
         self.proc = None
+        self.adopted_pid = None  # the process serving after an upgrade in place (not our child)
         self.public = None
         self.internal = None
 
@@ -132,7 +163,28 @@ class Nudge:
         if self.proc is None:
             return None
         code = _stop(self.proc, timeout=timeout)
+        if self.adopted_pid is not None:
+            code = _stop_adopted(self.adopted_pid, timeout)
         self._log.close()
+        return code
+
+    def upgrade(self, pid_file, on_signal=None, timeout=20):
+        """SIGUSR2: the node starts its binary again and hands it everything; on_signal()
+        runs right after the signal is sent. Waits for the old process to exit (0 once
+        the new one has taken over) and for the pid file to name the new one, which
+        stop() then stops. Returns the old process's exit code."""
+        old = self.adopted_pid or self.proc.pid
+        os.kill(old, signal.SIGUSR2)
+        if on_signal:
+            on_signal()
+        if old == self.proc.pid:
+            code = self.proc.wait(timeout)
+        else:
+            wait_until(lambda: not _running(old), timeout, what="the old process to exit")
+            code = 0  # not our child: its exit code is not ours to read; the log says it
+        new = wait_until(lambda: _read_pid(pid_file) not in (None, old) and _read_pid(pid_file),
+                         timeout, what="the pid file to name the new process")
+        self.adopted_pid = new
         return code
 
     def post(self, path, body):

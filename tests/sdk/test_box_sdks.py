@@ -12,6 +12,8 @@ Scenarios (the issue's numbering):
   4 test_revoked                the channel is revoked while the client is parked
   4 test_restart_with_downtime  nudge stops (connections refused) and a new node starts
   4 test_restart_behind_lb      a new node takes the address with no downtime (channel unknown)
+  4 test_crash_with_state_dir   SIGKILL and a restart with --state-dir: the channel is restored
+  4 test_upgrade_under_traffic  SIGUSR2 while changes are published: the new binary takes the poll over
   5 every test                  no hot loop (assert_no_hot_loop)
     test_drain_no_hot_loop      a long drain while the client's connection is to the draining node
 and pins of what the SDKs need from nudge: test_registration_body_is_box_shaped,
@@ -22,6 +24,7 @@ What each SDK does in each scenario is written down in docs/box-sdks.md.
 
 import collections
 import re
+import threading
 import time
 
 import pytest
@@ -393,6 +396,86 @@ def test_crash_with_state_dir(make_stack, client, tmp_path):
     published += ids
     s.wait_received(ids, timeout=20)
     assert_exactly_once(s, published)
+    assert_no_hot_loop(s)
+
+
+@pytest.mark.parametrize("client", ALL)
+def test_upgrade_under_traffic(make_stack, client, tmp_path):
+    """SIGUSR2 while the SDK is parked and changes are being published: nudge starts
+    its binary again and hands it the listeners and the parked connection (the relay's
+    upstream connection is one of them: it is not closed). No SDK notices: no error,
+    no OPTIONS beyond what it makes after any change, every change received once, and
+    the poll parked at the signal is answered on its connection, by the new process."""
+    pid_file = tmp_path / "nudge.pid"
+    s = make_stack(client, nudge_args=["--pid-file", str(pid_file)])
+    s.wait_ready()
+    published = s.api.publish(1)["event_ids"]
+    s.wait_received(published, timeout=20)
+    options_before = s.options_count()
+    changes_before = len(published)
+
+    # Changes keep coming before and after the signal; the main API publishes each
+    # to nudge's internal listener, which the new process inherits: none is refused.
+    go = threading.Event()
+    stop = threading.Event()
+    errors = []
+
+    def publish_loop():
+        while not stop.is_set():
+            go.wait()
+            body = s.api.publish(1)
+            if "publish_error" in body:
+                errors.append(body["publish_error"])
+            published.extend(body["event_ids"])
+            stop.wait(0.25)
+
+    publisher = threading.Thread(target=publish_loop, daemon=True)
+    publisher.start()
+    go.set()
+    wait_until(lambda: len(published) >= changes_before + 3, 10, what="changes before the upgrade")
+    # The signal goes while a poll is parked (the publisher holds still until the SDK
+    # has parked again), and publishing resumes right after it.
+    go.clear()
+    wait_until(lambda: s.has_parked_poll() and s.client.event_ids() and set(published) <= set(s.client.event_ids()),
+               15, what="every change so far received and a poll parked")
+    parked_index = len(s.polls()) - 1
+    t_upgrade = time.time()
+    code = s.nudge.upgrade(pid_file, on_signal=go.set)
+    s.notes["upgrade took"] = round(time.time() - t_upgrade, 2)
+    at_upgrade = len(published)
+    wait_until(lambda: len(published) >= at_upgrade + 3, 10, what="changes after the upgrade")
+    stop.set()
+    publisher.join(10)
+    s.notes["changes published around the upgrade"] = len(published) - changes_before
+    assert code == 0, "the old process exits 0 once the new one has taken over"
+    assert "upgrade: the new process has taken over" in s.nudge.log(), s.nudge.log()[-2000:]
+    assert not errors, f"the main API's publishes failed during the upgrade: {errors}"
+
+    ids = s.api.publish(1)["event_ids"]
+    published += ids
+    s.wait_received(published, timeout=30)
+    # ...and it parks again, on the new process.
+    wait_until(lambda: s.has_parked_poll() and s.nudge.metrics().get("nudge_parked_polls", 0) >= 1, 15,
+               what="a poll parked on the new process")
+    # The poll parked at the signal kept its connection and was answered after it.
+    answered = s.polls()[parked_index]
+    s.notes["the poll parked at the signal"] = f"{answered['status']} {answered['message']}"
+    assert answered["t_answer"] > t_upgrade and answered["status"] == 200 \
+        and answered["message"] in ("new_change", "reconnect"), answered
+    assert s.client.alive() and not s.client.of_kind("fatal") and not s.client.of_kind("error"), \
+        s.client.of_kind("error") + s.client.of_kind("fatal")
+    new_options = s.options_count() - options_before
+    s.notes["OPTIONS after the upgrade"] = new_options
+    changes = len(published) - changes_before
+    if client in REREGISTERS_AFTER_CHANGE:
+        assert new_options <= changes, "at most one OPTIONS per change, as without an upgrade"
+    else:
+        assert new_options == 0, "the SDK went back to the main API for a new channel"
+    # Nothing of the channel was forgotten: no poll after the upgrade was refused.
+    assert not [p for p in s.polls() if p["t"] >= t_upgrade and p["message"] == "max_retries"]
+    assert_exactly_once(s, published)
+    assert_all_answers_ok(s)
+    assert_fast_path(s)
     assert_no_hot_loop(s)
 
 
