@@ -153,10 +153,15 @@ impl FastPath {
     /// What a parked poll costs is this future's size, so it is kept small: the states a
     /// parked poll does not need (reading a head, with its timers; hyper; a held poll; a
     /// client that queued bytes behind its poll) are boxed, and the parked state itself is
-    /// `wait_parked`.
-    pub async fn serve(self: Arc<Self>, stream: TcpStream, close: Watcher) {
+    /// `wait_parked`. Not an `async fn` itself: a wrapper's future would hold its arguments
+    /// beside the inner one's for the whole life of the connection (136 B a parked poll).
+    pub fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        close: Watcher,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let task = self.mover.enter();
-        self.serve_from(stream, close, task, None).await
+        self.serve_from(stream, close, task, None)
     }
 
     /// [`FastPath::serve`], beginning with `first` (a poll already started, with its
@@ -186,20 +191,13 @@ impl FastPath {
                         match self.start_poll(&query) {
                             // The node is handing its connections over: this one goes with
                             // its request, to be started by the new process.
-                            PollStart::Moving => {
-                                let state = MovedState::Pending {
-                                    query,
-                                    close: framing.close_requested,
-                                    origin: framing.origin.map(Vec::from),
-                                };
-                                match self.mover.try_move(stream, state) {
-                                    Ok(()) => return,
-                                    Err((back, framing)) => {
-                                        stream = back;
-                                        (PollStart::Moving, framing.expect("a poll's framing"))
-                                    }
+                            PollStart::Moving => match self.move_pending(stream, query, framing) {
+                                Ok(()) => return,
+                                Err((back, framing)) => {
+                                    stream = back;
+                                    (PollStart::Moving, framing)
                                 }
-                            }
+                            },
                             start => (start, framing),
                         }
                     }
@@ -252,23 +250,11 @@ impl FastPath {
                             return;
                         }
                         Waited::Handover(token) => {
-                            let state = MovedState::Parked {
-                                channel: parked.channel().to_string(),
-                                deadline: parked.deadline(),
-                                close: framing.close_requested,
-                                origin: framing.origin.map(Vec::from),
-                            };
-                            // Settled: dropping it touches nothing on the hub.
-                            drop(parked);
-                            let moved = self.mover.try_move(stream, state);
-                            // Only now: the collector holds the connection before the
-                            // handover counts this poll as dealt with.
-                            drop(token);
-                            match moved {
+                            match self.move_parked(stream, parked, framing, token) {
                                 Ok(()) => return,
                                 Err((back, back_framing)) => {
                                     stream = back;
-                                    framing = back_framing.expect("a poll's framing");
+                                    framing = back_framing;
                                     (Reply::Answer(self.reconnect()), None)
                                 }
                             }
@@ -280,6 +266,48 @@ impl FastPath {
                 return;
             }
         }
+    }
+
+    /// Hands a connection whose poll the hub would not start (a handover is under way) to
+    /// the collector with its request; gives it back when the collection has ended. Plain
+    /// functions, these two: what they build never takes room in a parked poll's future.
+    fn move_pending(
+        &self,
+        stream: TcpStream,
+        query: SubscribeQuery,
+        framing: Framing,
+    ) -> Result<(), (TcpStream, Framing)> {
+        let state = MovedState::Pending {
+            query,
+            close: framing.close_requested,
+            origin: framing.origin.map(Vec::from),
+        };
+        self.mover
+            .try_move(stream, state)
+            .map_err(|(back, framing)| (back, framing.expect("a poll's framing")))
+    }
+
+    /// Hands a parked connection, its poll taken off its channel, to the collector.
+    fn move_parked(
+        &self,
+        stream: TcpStream,
+        parked: ParkedPoll,
+        framing: Framing,
+        token: crate::hub::HandoverToken,
+    ) -> Result<(), (TcpStream, Framing)> {
+        let state = MovedState::Parked {
+            channel: parked.channel().to_string(),
+            deadline: parked.deadline(),
+            close: framing.close_requested,
+            origin: framing.origin.map(Vec::from),
+        };
+        // Settled: dropping it touches nothing on the hub.
+        drop(parked);
+        let moved = self.mover.try_move(stream, state);
+        // Only now: the collector holds the connection before the handover counts this
+        // poll as dealt with.
+        drop(token);
+        moved.map_err(|(back, framing)| (back, framing.expect("a poll's framing")))
     }
 
     /// A `reconnect` for a poll that neither moved nor parked during a handover, counted.
