@@ -263,17 +263,7 @@ pub(crate) async fn upgrade_drill(ctx: &Ctx, node: &mut Node, pid_file: &Path) {
         return;
     };
     node.follow(new);
-    let moved = node
-        .logs()
-        .iter()
-        .find_map(|l| {
-            l.split("connections handed over moved=")
-                .nth(1)?
-                .split_whitespace()
-                .next()
-                .map(str::to_owned)
-        })
-        .unwrap_or_else(|| "?".to_owned());
+    let moved = node.log_field("connections handed over moved=");
     ctx.drill_notes.lock().push(format!(
         "{} upgraded in place (SIGUSR2): {moved} connections moved to the new process, the old \
          one exited 0 {:.2}s after the signal; its clients kept their connections",
@@ -337,17 +327,7 @@ pub(crate) async fn crash_drill(
     ctx.ledger.phase_end("crash", Instant::now());
     match restarted {
         Ok(new) => {
-            let restored = new
-                .logs()
-                .iter()
-                .find_map(|l| {
-                    l.split("state restored channels=")
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()
-                        .map(str::to_owned)
-                })
-                .unwrap_or_else(|| "?".to_owned());
+            let restored = new.log_field("state restored channels=");
             if restored == "?" || restored == "0" {
                 ctx.drill_failures
                     .lock()

@@ -418,6 +418,21 @@ fn ids_in_log(log: &std::path::Path, ids: &HashSet<String>) -> usize {
         .count()
 }
 
+/// What a drill's task gave back, waiting up to 60 s for it; a failure named after `drill`
+/// when it did not finish.
+async fn finish<T>(ctx: &Ctx, task: Option<tokio::task::JoinHandle<T>>, drill: &str) -> Option<T> {
+    let outcome = tokio::time::timeout(Duration::from_secs(60), task?).await;
+    match outcome {
+        Ok(Ok(value)) => Some(value),
+        _ => {
+            ctx.drill_failures
+                .lock()
+                .push(format!("{drill} did not finish"));
+            None
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
@@ -712,33 +727,15 @@ async fn run(args: Args) -> Result<bool, String> {
     .await
     .is_ok();
     let soak_time = started.elapsed();
-    if let Some(t) = redis_task {
-        match tokio::time::timeout(Duration::from_secs(60), t).await {
-            Ok(Ok(r)) => redis = r,
-            _ => ctx
-                .drill_failures
-                .lock()
-                .push("bus drills did not finish".to_owned()),
-        }
+    if let Some(r) = finish(&ctx, redis_task, "bus drills").await {
+        redis = r;
     }
-    if let Some(t) = drain_task {
-        match tokio::time::timeout(Duration::from_secs(60), t).await {
-            Ok(Ok(b)) => other = Some(b),
-            _ => ctx
-                .drill_failures
-                .lock()
-                .push("drain drill did not finish".to_owned()),
-        }
+    if let Some(b) = finish(&ctx, drain_task, "drain drill").await {
+        other = Some(b);
     }
     let crashed = crash_task.is_some();
-    if let Some(t) = crash_task {
-        match tokio::time::timeout(Duration::from_secs(60), t).await {
-            Ok(Ok(b)) => other = Some(b),
-            _ => ctx
-                .drill_failures
-                .lock()
-                .push("crash drill did not finish".to_owned()),
-        }
+    if let Some(b) = finish(&ctx, crash_task, "crash drill").await {
+        other = Some(b);
     }
     if args.drills && !(upgraded && crashed) {
         ctx.drill_failures

@@ -114,9 +114,22 @@ impl Node {
         self.successor = Some(pid);
     }
 
-    /// The log lines kept so far (the successor's included).
-    pub fn logs(&self) -> Vec<String> {
-        self.process.logs()
+    /// The value after `prefix` (`message field=`) in the first log line kept that has it,
+    /// or `?`; the successor's lines included.
+    pub fn log_field(&self, prefix: &str) -> String {
+        self.process
+            .logs()
+            .iter()
+            .find_map(|l| {
+                Some(
+                    l.split(prefix)
+                        .nth(1)?
+                        .split_whitespace()
+                        .next()?
+                        .to_owned(),
+                )
+            })
+            .unwrap_or_else(|| "?".to_owned())
     }
 
     /// Resident memory of the process, from `/proc`.
