@@ -154,7 +154,8 @@ impl FastPath {
     /// parked poll does not need (reading a head, with its timers; hyper; a held poll; a
     /// client that queued bytes behind its poll) are boxed, and the parked state itself is
     /// `wait_parked`. Not an `async fn` itself: a wrapper's future would hold its arguments
-    /// beside the inner one's for the whole life of the connection (136 B a parked poll).
+    /// beside the inner one's for the whole life of the connection (80 B more future, 123 B
+    /// more per parked poll with the allocator's rounding, measured by the longpoll bench).
     pub fn serve(
         self: Arc<Self>,
         stream: TcpStream,
@@ -269,8 +270,7 @@ impl FastPath {
     }
 
     /// Hands a connection whose poll the hub would not start (a handover is under way) to
-    /// the collector with its request; gives it back when the collection has ended. Plain
-    /// functions, these two: what they build never takes room in a parked poll's future.
+    /// the collector with its request; gives it back when the collection has ended.
     fn move_pending(
         &self,
         stream: TcpStream,
