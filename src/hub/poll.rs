@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-use super::channel::Waiter;
+use super::channel::{Channel, Waiter};
 use super::not_live::NotLiveAnswer;
 use super::{
     Answer, Delivery, HandoverToken, Hub, PollRequest, PollStart, Rider, held_share, park_time,
@@ -89,13 +89,23 @@ impl Hub {
             self.metrics.count_outcome(outcome::OVER_CAPACITY);
             return PollStart::OverCapacity;
         }
+        let deadline = Instant::now() + park_time(ch.limits.retry_timeout);
+        PollStart::Park(self.park_waiter(ch, id, deadline))
+    }
+
+    /// Parks a waiter on `ch` (under its shard's lock) until `deadline`, and counts it.
+    fn park_waiter(
+        self: &Arc<Self>,
+        ch: &mut Channel,
+        id: ChannelId,
+        deadline: Instant,
+    ) -> ParkedPoll {
         let (tx, rx) = oneshot::channel();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         ch.waiters.push(Waiter { key, tx });
         ch.idle_deadline = None;
-        let deadline = Instant::now() + park_time(ch.limits.retry_timeout);
         self.count_parked(1);
-        PollStart::Park(ParkedPoll {
+        ParkedPoll {
             hub: self.clone(),
             id,
             key,
@@ -103,7 +113,7 @@ impl Hub {
             rx,
             expired: false,
             settled: false,
-        })
+        }
     }
 
     /// Parks a poll that another process had parked and handed over (an upgrade in place),
@@ -125,20 +135,7 @@ impl Hub {
             ch.touch_if_idle(Instant::now());
             return self.answer_now(Answer::NewChange);
         }
-        let (tx, rx) = oneshot::channel();
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        ch.waiters.push(Waiter { key, tx });
-        ch.idle_deadline = None;
-        self.count_parked(1);
-        PollStart::Park(ParkedPoll {
-            hub: self.clone(),
-            id,
-            key,
-            deadline,
-            rx,
-            expired: false,
-            settled: false,
-        })
+        PollStart::Park(self.park_waiter(ch, id, deadline))
     }
 
     pub(super) fn answer_now(&self, answer: Answer) -> PollStart {
