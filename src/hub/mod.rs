@@ -344,7 +344,7 @@ pub struct HubCounts {
     pub not_live: usize,
 }
 
-type ChannelShard = HashMap<ChannelId, Channel, IdHasher>;
+type ChannelShard = HashMap<ChannelId, Box<Channel>, IdHasher>;
 
 /// All of a node's state: channels, topics, parked polls. Shared as `Arc<Hub>`.
 pub struct Hub {

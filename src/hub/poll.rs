@@ -102,6 +102,11 @@ impl Hub {
     ) -> ParkedPoll {
         let (tx, rx) = oneshot::channel();
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        // Most channels have one poll at a time: room for one, not the four a first push
+        // makes (48 B a parked poll); a second poll grows it as usual.
+        if ch.waiters.capacity() == 0 {
+            ch.waiters.reserve_exact(1);
+        }
         ch.waiters.push(Waiter { key, tx });
         ch.idle_deadline = None;
         self.count_parked(1);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::channel::{Channel, Pending};
+use super::channel::Channel;
 use super::{
     Answer, ChannelInfo, Hub, Limits, MAX_STREAM_TYPE_LEN, MAX_TOPIC_LEN, MAX_TOPICS_PER_CHANNEL,
     RegisterError, Registered, Registration, RevokeFilter, is_visible_ascii, shrink_if_sparse,
@@ -84,17 +84,14 @@ impl Hub {
             self.live.fetch_sub(1, Ordering::AcqRel);
             return Err(self.refuse("topic bytes", self.caps.max_topic_bytes));
         }
-        let channel = Channel {
-            topics: names,
-            subject: reg.subject.map(Arc::from),
-            stream_type: stream_type.as_deref().map(Box::from),
+        let channel = Channel::new(
+            names,
+            reg.subject.as_deref(),
+            stream_type.as_deref(),
             limits,
-            reconnects: 0,
-            pending: Pending::default(),
-            waiters: Vec::new(),
-            idle_deadline: Some(Instant::now() + limits.ttl),
-        };
-        self.shard(id).lock().insert(id, channel);
+            Instant::now(),
+        );
+        self.shard(id).lock().insert(id, Box::new(channel));
         self.note_change();
         self.metrics.channels.inc();
         self.set_topic_gauges();
@@ -138,8 +135,8 @@ impl Hub {
         Some(ChannelInfo {
             channel: id.to_string(),
             topics: ch.topics.iter().map(|t| t.to_string()).collect(),
-            subject: ch.subject.as_deref().map(str::to_owned),
-            stream_type: ch.stream_type.as_deref().unwrap_or("all").to_owned(),
+            subject: ch.subject().map(str::to_owned),
+            stream_type: ch.stream_type().unwrap_or("all").to_owned(),
             ttl_seconds: ch.limits.ttl.as_secs(),
             retry_timeout_seconds: ch.limits.retry_timeout.as_secs(),
             max_retries: ch.limits.max_retries,
@@ -174,14 +171,14 @@ impl Hub {
             filter
                 .subject
                 .as_deref()
-                .is_none_or(|s| ch.subject.as_deref() == Some(s))
+                .is_none_or(|s| ch.subject() == Some(s))
         };
         let mut removed = Vec::new();
         match &filter.topic {
             Some(topic) => {
                 for id in self.topics.channels_of(topic) {
                     let mut shard = self.shard(id).lock();
-                    if shard.get(&id).is_some_and(subject_matches) {
+                    if shard.get(&id).is_some_and(|ch| subject_matches(ch)) {
                         removed.push((id, shard.remove(&id).expect("present")));
                     }
                 }
@@ -202,7 +199,7 @@ impl Hub {
     }
 
     /// Finishes a removed channel: answers its polls `max_retries` and frees its topics.
-    pub(super) fn retire(&self, id: ChannelId, mut ch: Channel) {
+    pub(super) fn retire(&self, id: ChannelId, mut ch: Box<Channel>) {
         if !ch.waiters.is_empty() {
             self.count_parked(-(ch.waiters.len() as i64));
             self.not_live

@@ -91,8 +91,8 @@ impl Hub {
                 channels.push(ChannelState {
                     id: id.to_string(),
                     topics: ch.topics.iter().map(|t| t.to_string()).collect(),
-                    subject: ch.subject.as_deref().map(str::to_owned),
-                    stream_type: ch.stream_type.as_deref().map(str::to_owned),
+                    subject: ch.subject().map(str::to_owned),
+                    stream_type: ch.stream_type().map(str::to_owned),
                     ttl: ch.limits.ttl,
                     retry_timeout: ch.limits.retry_timeout,
                     max_retries: ch.limits.max_retries,
@@ -182,17 +182,17 @@ impl Hub {
         }
         // `PARKED` comes out as the full ttl.
         let expires_in = Duration::from_millis(c.expires_at_ms - now_ms).min(limits.ttl);
-        let channel = Channel {
+        let mut channel = Channel::new(
             topics,
-            subject: c.subject.as_deref().map(Arc::from),
-            stream_type: c.stream_type.as_deref().map(Box::from),
+            c.subject.as_deref(),
+            c.stream_type.as_deref(),
             limits,
-            reconnects: c.reconnects,
-            pending,
-            waiters: Vec::new(),
-            idle_deadline: Some(now + expires_in),
-        };
-        self.shard(id).lock().insert(id, channel);
+            now,
+        );
+        channel.reconnects = c.reconnects;
+        channel.pending = pending;
+        channel.idle_deadline = Some(now + expires_in);
+        self.shard(id).lock().insert(id, Box::new(channel));
         self.metrics.channels.inc();
         true
     }
