@@ -8,6 +8,7 @@ use std::fs;
 use std::io;
 
 pub use nudge_testkit::memory::{Memory, kb_field, memory_of};
+pub use nudge_testkit::node::alive;
 
 /// `/proc/PID/stat` counts CPU time in clock ticks of `USER_HZ`, which is 100 on every Linux ABI
 /// the benchmark runs on (it is fixed for userspace, whatever `CONFIG_HZ` the kernel was built with).
@@ -83,13 +84,6 @@ pub fn children(parent: u32) -> Vec<u32> {
         .collect();
     found.sort_unstable();
     found
-}
-
-/// Whether `pid` is still a live process (a zombie counts as gone).
-pub fn alive(pid: u32) -> bool {
-    stat_fields(pid)
-        .map(|f| f.first().map(String::as_str) != Some("Z"))
-        .unwrap_or(false)
 }
 
 /// Kernel memory that sockets hold, system-wide.

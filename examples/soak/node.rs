@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use nudge_testkit::node::{FREE_PORTS, Options};
+use nudge_testkit::node::{FREE_PORTS, Options, alive};
 use tokio::time::Instant;
 
 pub struct Node {
@@ -118,25 +118,13 @@ impl Node {
     /// or `?`; the successor's lines included.
     pub fn log_field(&self, prefix: &str) -> String {
         self.process
-            .logs()
-            .iter()
-            .find_map(|l| {
-                Some(
-                    l.split(prefix)
-                        .nth(1)?
-                        .split_whitespace()
-                        .next()?
-                        .to_owned(),
-                )
-            })
+            .log_field(prefix)
             .unwrap_or_else(|| "?".to_owned())
     }
 
     /// Resident memory of the process, from `/proc`.
     pub fn rss_bytes(&self) -> Option<u64> {
-        nudge_testkit::memory::memory(self.pid())
-            .ok()
-            .map(|m| m.rss_kb * 1024)
+        nudge_testkit::memory::rss_bytes(self.pid())
     }
 
     /// Every unlabelled sample of `GET /metrics`, and labelled ones under their full name.
@@ -175,7 +163,7 @@ impl Node {
             return self.process.exited(limit).await;
         };
         let until = Instant::now() + limit;
-        while running(pid) {
+        while alive(pid) {
             if Instant::now() > until {
                 return None;
             }
@@ -190,7 +178,7 @@ impl Node {
             Some(pid) => {
                 nudge_testkit::signal(&[pid], "KILL");
                 let until = std::time::Instant::now() + Duration::from_secs(10);
-                while running(pid) && std::time::Instant::now() < until {
+                while alive(pid) && std::time::Instant::now() < until {
                     std::thread::sleep(Duration::from_millis(5));
                 }
             }
@@ -199,17 +187,9 @@ impl Node {
     }
 }
 
-/// `pid` is a live process: not gone, and not a zombie waiting for its reaper.
-fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| Some(stat.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
-        .unwrap_or(false)
-}
-
 impl Drop for Node {
     fn drop(&mut self) {
-        if let Some(pid) = self.successor.filter(|&pid| running(pid)) {
+        if let Some(pid) = self.successor.filter(|&pid| alive(pid)) {
             nudge_testkit::signal(&[pid], "KILL");
         }
     }

@@ -42,6 +42,11 @@ pub fn memory(pid: u32) -> io::Result<Memory> {
     })
 }
 
+/// Resident set size of `pid` in bytes (VmRSS), if it can be read.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    memory(pid).ok().map(|m| m.rss_kb * 1024)
+}
+
 /// Sum of the resident memory of several processes.
 pub fn memory_of(pids: &[u32]) -> io::Result<Memory> {
     pids.iter()

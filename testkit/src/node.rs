@@ -203,9 +203,22 @@ impl Node {
 
     /// Resident memory of the process, from `/proc`.
     pub fn rss_bytes(&self) -> Option<u64> {
-        crate::memory::memory(self.pid())
-            .ok()
-            .map(|m| m.rss_kb * 1024)
+        crate::memory::rss_bytes(self.pid())
+    }
+
+    /// The word after `prefix` (`message field=`) in the first log line kept that has it: a
+    /// field of a line nudge logs, such as `connections handed over moved=`. Lines of a
+    /// process that took over in an upgrade in place are here too (same stderr pipe).
+    pub fn log_field(&self, prefix: &str) -> Option<String> {
+        self.logs().iter().find_map(|l| {
+            Some(
+                l.split(prefix)
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .to_owned(),
+            )
+        })
     }
 }
 
@@ -229,6 +242,15 @@ pub fn signal(pids: &[u32], name: &str) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether `pid` is a live process: not gone, and not a zombie waiting for its reaper (a
+/// process that took over in an upgrade in place is not our child, and may linger as one).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| Some(stat.rsplit_once(')')?.1.split_whitespace().next()? != "Z"))
+        .unwrap_or(false)
 }
 
 /// The address after `role=` in a `listening` line: `listening public=ADDR` in text,

@@ -681,17 +681,8 @@ impl Deployed {
         const LINE: &str = "connections handed over moved=";
         self.node.wait_log(LINE, Duration::from_secs(10));
         self.node
-            .logs()
-            .iter()
-            .find(|l| l.contains(LINE))
-            .and_then(|l| {
-                l.split("moved=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .log_field(LINE)
+            .and_then(|n| n.parse().ok())
             .expect("the old process logs what it moved")
     }
 
