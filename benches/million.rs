@@ -198,7 +198,8 @@ impl Shared {
 }
 
 /// The parked state of a fast-path connection without its socket: awaits the answer with
-/// `ParkedPoll::poll_answer` and the park-time `Sleep`, as `wait_parked` does, holding
+/// `ParkedPoll::poll_answer`, as `wait_parked` does (the hub's park timer holds the
+/// deadline, one 24-byte entry a poll, measured with the rest of the hub), holding
 /// `PAD` bytes in place of the connection's other state (the `TcpStream`, the drain watcher,
 /// the framing). What it leaves out: the socket's `poll_peek`, tokio's I/O registration
 /// (about 255 B) and the kernel's socket.
@@ -206,7 +207,6 @@ async fn parked_task(shared: Arc<Shared>, parked: Option<ParkedPoll>, slot: usiz
     let stand_in = [slot as u8; PAD];
     let Some(mut parked) = parked else { return };
     let answer = {
-        let mut park_time = std::pin::pin!(tokio::time::sleep_until(parked.deadline()));
         let mut first = true;
         std::future::poll_fn(|cx| {
             if std::mem::take(&mut first)
@@ -214,7 +214,7 @@ async fn parked_task(shared: Arc<Shared>, parked: Option<ParkedPoll>, slot: usiz
             {
                 shared.all_started.notify_one();
             }
-            parked.poll_answer(park_time.as_mut(), cx)
+            parked.poll_answer(cx)
         })
         .await
     };

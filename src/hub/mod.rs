@@ -15,14 +15,15 @@
 //!
 //! # No lost wake-up
 //! A parked poll is a `Waiter` (`channel.rs`) in its channel's list. Whoever removes a
-//! waiter from the list answers it: a publish (`new_change`), its own deadline
-//! (`reconnect`), a revoke or a delete (`max_retries`), the drain (`reconnect`). A publish
+//! waiter from the list answers it: a publish (`new_change`), its deadline
+//! (`reconnect`, from the park timer in `deadlines.rs`), a revoke or a delete (`max_retries`), the drain (`reconnect`). A publish
 //! that finds no waiter sets the channel's pending mark under the same lock a poll checks it
 //! under. If a `new_change` is sent to a poll whose client has gone, either the sender sees
 //! the failure or the poll's guard finds the undelivered answer; whichever it is puts the
 //! pending mark back.
 
 mod channel;
+mod deadlines;
 mod handover;
 mod not_live;
 mod poll;
@@ -356,6 +357,10 @@ pub struct Hub {
     /// refused registration.
     next_expiry: Mutex<Option<Instant>>,
     channels: Box<[Mutex<ChannelShard>]>,
+    /// The park deadlines of each channel shard, same index (`deadlines.rs`).
+    deadlines: Box<[Mutex<deadlines::Deadlines>]>,
+    /// Where the deadlines' ticks count from.
+    origin: Instant,
     topics: Topics,
     not_live: Mutex<NotLive>,
     metrics: Arc<Metrics>,
@@ -387,7 +392,7 @@ impl Hub {
             max_topic_bytes = caps.max_topic_bytes,
             "channel caps"
         );
-        Arc::new(Hub {
+        let hub = Arc::new(Hub {
             topics: Topics::new(
                 TOPIC_SHARDS,
                 config.limits.ttl,
@@ -400,6 +405,8 @@ impl Hub {
             live: AtomicUsize::new(0),
             next_expiry: Mutex::new(None),
             channels: (0..CHANNEL_SHARDS).map(|_| Mutex::default()).collect(),
+            deadlines: (0..CHANNEL_SHARDS).map(|_| Mutex::default()).collect(),
+            origin: Instant::now(),
             not_live: Mutex::new(NotLive::new(NOT_LIVE_CAPACITY)),
             metrics,
             next_key: AtomicU64::new(0),
@@ -409,7 +416,9 @@ impl Hub {
             drain_started: Notify::new(),
             moving: AtomicBool::new(false),
             changed: AtomicBool::new(true),
-        })
+        });
+        deadlines::spawn_park_timer(Arc::downgrade(&hub));
+        hub
     }
 
     /// The settings it was built with.
@@ -429,6 +438,11 @@ impl Hub {
 
     fn shard(&self, id: ChannelId) -> &Mutex<ChannelShard> {
         &self.channels[id.shard(CHANNEL_SHARDS - 1)]
+    }
+
+    /// The park deadlines of `id`'s shard: lock only while holding [`Hub::shard`]'s lock.
+    fn deadlines_of(&self, id: ChannelId) -> &Mutex<deadlines::Deadlines> {
+        &self.deadlines[id.shard(CHANNEL_SHARDS - 1)]
     }
 
     /// Notes that the state a snapshot holds has changed. Called while holding the lock of

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::{Instant, sleep_until};
 
 use super::channel::{Channel, Waiter};
 use super::not_live::NotLiveAnswer;
@@ -109,6 +109,10 @@ impl Hub {
         }
         ch.waiters.push(Waiter { key, tx });
         ch.idle_deadline = None;
+        // Lock order: the channel's shard (held by the caller), then its deadlines.
+        self.deadlines_of(id)
+            .lock()
+            .insert(self.tick_of(deadline), id, key);
         self.count_parked(1);
         ParkedPoll {
             hub: self.clone(),
@@ -116,7 +120,6 @@ impl Hub {
             key,
             deadline,
             rx,
-            expired: false,
             settled: false,
         }
     }
@@ -196,20 +199,6 @@ impl Hub {
         }
     }
 
-    /// A parked poll reached its deadline: if its waiter is still listed, take it and answer
-    /// `reconnect` (counted against the budget). `None` if someone else took it: their
-    /// answer is on its way.
-    pub(super) fn expire_poll(&self, id: ChannelId, key: u64) -> Option<Answer> {
-        let mut shard = self.shard(id).lock();
-        let ch = shard.get_mut(&id)?;
-        ch.take_waiter(key)?;
-        self.note_change();
-        ch.reconnects = ch.reconnects.saturating_add(1);
-        ch.touch_if_idle(Instant::now());
-        self.count_parked(-1);
-        Some(Answer::Reconnect)
-    }
-
     /// A parked poll was dropped unanswered (its client went away).
     pub(super) fn abandon_poll(
         &self,
@@ -250,13 +239,11 @@ pub struct ParkedPoll {
     key: u64,
     deadline: Instant,
     rx: oneshot::Receiver<Delivery>,
-    /// Its deadline passed but someone else had taken its waiter: their answer is coming.
-    expired: bool,
     settled: bool,
 }
 
 impl ParkedPoll {
-    /// When the park time runs out, for a transport that drives its own timer.
+    /// When the park time runs out (the hub answers `reconnect` then; kept for a handover).
     pub fn deadline(&self) -> Instant {
         self.deadline
     }
@@ -270,50 +257,30 @@ impl ParkedPoll {
     /// A poll being handed to another process is answered `reconnect` here, as in a drain:
     /// only a transport that can move its connection ([`ParkedPoll::poll_outcome`]) moves.
     pub async fn wait(mut self) -> Answer {
-        let mut park_time = std::pin::pin!(sleep_until(self.deadline));
-        std::future::poll_fn(|cx| self.poll_answer(park_time.as_mut(), cx)).await
+        std::future::poll_fn(|cx| self.poll_answer(cx)).await
     }
 
     /// The poll-based core of [`ParkedPoll::wait`], for a transport that drives its own
-    /// future and would rather not hold a nested one per parked poll (the fast path).
-    /// `park_time` must be a `Sleep` until [`ParkedPoll::deadline`], polled only here.
-    pub fn poll_answer(
-        &mut self,
-        park_time: Pin<&mut Sleep>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Answer> {
-        self.poll_outcome(park_time, cx)
-            .map(|outcome| match outcome {
-                Outcome::Answer(answer) => answer,
-                Outcome::Handover(token) => {
-                    token.not_moved();
-                    self.hub.metrics.count_answer(Answer::Reconnect);
-                    Answer::Reconnect
-                }
-            })
+    /// future and would rather not hold a nested one per parked poll (the fast path). No
+    /// timer here: the hub's park timer answers `reconnect` at the deadline.
+    pub fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<Answer> {
+        self.poll_outcome(cx).map(|outcome| match outcome {
+            Outcome::Answer(answer) => answer,
+            Outcome::Handover(token) => {
+                token.not_moved();
+                self.hub.metrics.count_answer(Answer::Reconnect);
+                Answer::Reconnect
+            }
+        })
     }
 
     /// [`ParkedPoll::poll_answer`] for a transport that can move its connection to another
     /// process: a poll being handed over comes out as [`Outcome::Handover`], unanswered.
-    pub fn poll_outcome(
-        &mut self,
-        park_time: Pin<&mut Sleep>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Outcome> {
+    pub fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
         let gone = || Delivery::from(Answer::Reconnect);
-        if let Poll::Ready(sent) = Pin::new(&mut self.rx).poll(cx) {
-            return Poll::Ready(self.settle(sent.unwrap_or_else(|_| gone())));
-        }
-        if !self.expired && park_time.poll(cx).is_ready() {
-            match self.hub.expire_poll(self.id, self.key) {
-                Some(answer) => return Poll::Ready(self.settle(answer.into())),
-                // Taken by someone else between the deadline and the lock: their answer is
-                // being sent right now (no lock is held while sending). `rx` was polled
-                // above, so this task is woken when it arrives.
-                None => self.expired = true,
-            }
-        }
-        Poll::Pending
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|sent| self.settle(sent.unwrap_or_else(|_| gone())))
     }
 
     /// The answer this poll got could not be written: its client is known to be gone. A

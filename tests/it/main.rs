@@ -13,6 +13,7 @@ mod internal;
 mod internal_guard;
 mod internal_hardening;
 mod ops;
+mod park_deadlines;
 mod process;
 mod public;
 mod queued;

@@ -587,10 +587,7 @@ async fn hub_a_publish_racing_the_detach_is_answered_or_left_pending_never_lost(
         };
         let detached = hub.detach_parked();
         publisher.await.unwrap();
-        let outcome = {
-            let mut park_time = std::pin::pin!(tokio::time::sleep_until(parked.deadline()));
-            std::future::poll_fn(|cx| parked.poll_outcome(park_time.as_mut(), cx)).await
-        };
+        let outcome = std::future::poll_fn(|cx| parked.poll_outcome(cx)).await;
         let info = hub.channel_info(&id).unwrap();
         match outcome {
             Outcome::Answer(answer) => {

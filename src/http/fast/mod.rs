@@ -355,11 +355,8 @@ impl FastPath {
         close: Watcher,
     ) {
         let mut queued = Vec::new();
-        let answer = {
-            let mut park_time = std::pin::pin!(tokio::time::sleep_until(parked.deadline()));
-            let answer = std::future::poll_fn(|cx| parked.poll_answer(park_time.as_mut(), cx));
-            answer_or_gone(&stream, &mut queued, answer).await
-        };
+        let answer = std::future::poll_fn(|cx| parked.poll_answer(cx));
+        let answer = answer_or_gone(&stream, &mut queued, answer).await;
         // The client left: dropping the poll keeps a change it held pending.
         let Some(answer) = answer else { return };
         let rest = (stream, queued, close);
@@ -513,8 +510,7 @@ async fn answer_or_gone(
 /// guard puts a `new_change` it already holds back as the channel's pending mark. A peek
 /// that finds bytes cannot see past them, so then the bytes must be read: `Queued`.
 async fn wait_parked(stream: &TcpStream, parked: &mut ParkedPoll) -> Waited {
-    // The park time, pinned in place: it lives as long as the poll is parked.
-    let mut park_time = std::pin::pin!(tokio::time::sleep_until(parked.deadline()));
+    // No timer: the hub answers `reconnect` at the deadline (`hub/deadlines.rs`).
     std::future::poll_fn(|cx| {
         let mut byte = [0u8; 1];
         match stream.poll_peek(cx, &mut ReadBuf::new(&mut byte)) {
@@ -522,12 +518,10 @@ async fn wait_parked(stream: &TcpStream, parked: &mut ParkedPoll) -> Waited {
             Poll::Ready(Ok(_)) => return Poll::Ready(Waited::Queued),
             Poll::Pending => {}
         }
-        parked
-            .poll_outcome(park_time.as_mut(), cx)
-            .map(|outcome| match outcome {
-                Outcome::Answer(a) => Waited::Answer(a),
-                Outcome::Handover(token) => Waited::Handover(token),
-            })
+        parked.poll_outcome(cx).map(|outcome| match outcome {
+            Outcome::Answer(a) => Waited::Answer(a),
+            Outcome::Handover(token) => Waited::Handover(token),
+        })
     })
     .await
 }

@@ -1,0 +1,184 @@
+//! Park deadlines: when each parked poll is answered `reconnect`.
+//!
+//! Kept per channel shard in coarse ticks ([`TICK`]) and expired by one thread per hub
+//! (`nudge-park-timer`), instead of a tokio `Sleep` in every parked poll: a `Sleep` is a
+//! timer entry of ~100 bytes pinned in the poll's task for as long as it is parked, which
+//! was most of what nudge's parked poll held beyond the floor's (`benches/longpoll`), while
+//! an entry here is 24 bytes, in a list shared by every poll due in the same tick.
+//!
+//! A poll answered before its deadline (a publish, the drain, its client leaving) leaves
+//! its entry behind: taking it out would mean finding it. The entry is looked up when its
+//! tick comes and skipped if its waiter is gone; and so that a busy node's stale entries
+//! cannot pile up for a whole park time, a shard's list is compacted whenever it holds
+//! twice what it held after the last compaction (amortised: one lookup per entry added).
+//!
+//! Lock order: a shard's deadlines are only ever locked while holding the same shard's
+//! channel lock, so they add no lock of their own to reason about.
+
+use std::collections::BTreeMap;
+use std::sync::Weak;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{ChannelShard, Hub};
+use crate::id::ChannelId;
+
+/// The deadlines' resolution: a poll is answered at most this long after its park time,
+/// which stays inside `retry_timeout` (SPEC §3: the grace is at least 100 ms, as
+/// `retry_timeout` is at least 1 s).
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// Entries a shard may hold beyond twice the last compaction's survivors before it is
+/// compacted again: small lists are left alone.
+const COMPACT_SLACK: usize = 256;
+
+/// The park deadlines of one channel shard.
+#[derive(Default)]
+pub(super) struct Deadlines {
+    /// Tick → the polls due in it, as (channel, waiter key).
+    due: BTreeMap<u64, Vec<(ChannelId, u64)>>,
+    entries: usize,
+    /// Entries left by the last compaction.
+    kept: usize,
+}
+
+impl Deadlines {
+    /// Notes that waiter `key` of channel `id` is due at `tick`.
+    pub fn insert(&mut self, tick: u64, id: ChannelId, key: u64) {
+        self.due.entry(tick).or_default().push((id, key));
+        self.entries += 1;
+    }
+
+    /// Takes every entry due at or before `tick`.
+    pub fn take_due(&mut self, tick: u64) -> Vec<Vec<(ChannelId, u64)>> {
+        if self
+            .due
+            .first_key_value()
+            .is_none_or(|(first, _)| *first > tick)
+        {
+            return Vec::new();
+        }
+        let later = self.due.split_off(&(tick + 1));
+        let due: Vec<_> = std::mem::replace(&mut self.due, later)
+            .into_values()
+            .collect();
+        self.entries -= due.iter().map(Vec::len).sum::<usize>();
+        due
+    }
+
+    /// Drops the entries whose poll is no longer parked, if enough have been added since the
+    /// last time for it to pay.
+    pub fn compact_if_due(&mut self, shard: &ChannelShard) {
+        if self.entries < 2 * self.kept + COMPACT_SLACK {
+            return;
+        }
+        let parked = |id: &ChannelId, key: u64| {
+            shard
+                .get(id)
+                .is_some_and(|ch| ch.waiters.iter().any(|w| w.key == key))
+        };
+        self.due.retain(|_, list| {
+            list.retain(|(id, key)| parked(id, *key));
+            list.shrink_to_fit();
+            !list.is_empty()
+        });
+        self.entries = self.due.values().map(Vec::len).sum();
+        self.kept = self.entries;
+    }
+
+    /// How many entries it holds, stale ones included.
+    pub fn len(&self) -> usize {
+        self.entries
+    }
+}
+
+impl Hub {
+    /// The tick a deadline falls in, rounded up: a poll is never answered before its park
+    /// time.
+    pub(super) fn tick_of(&self, deadline: Instant) -> u64 {
+        let since = deadline.saturating_duration_since(self.origin);
+        since.as_nanos().div_ceil(TICK.as_nanos()) as u64
+    }
+
+    /// Answers `reconnect` to every parked poll whose deadline has passed by `now`, counted
+    /// against its channel's budget. Returns how many it answered.
+    pub fn expire_parked(&self, now: Instant) -> usize {
+        let tick = now.saturating_duration_since(self.origin).as_nanos() / TICK.as_nanos();
+        let tick = tick as u64;
+        let mut answered = 0;
+        for (shard, deadlines) in self.channels.iter().zip(self.deadlines.iter()) {
+            let mut expired = Vec::new();
+            {
+                let mut shard = shard.lock();
+                let mut deadlines = deadlines.lock();
+                for (id, key) in deadlines.take_due(tick).into_iter().flatten() {
+                    let Some(ch) = shard.get_mut(&id) else {
+                        continue;
+                    };
+                    let Some(waiter) = ch.take_waiter(key) else {
+                        continue;
+                    };
+                    ch.reconnects = ch.reconnects.saturating_add(1);
+                    ch.touch_if_idle(now);
+                    expired.push(waiter.tx);
+                }
+                deadlines.compact_if_due(&shard);
+            }
+            if expired.is_empty() {
+                continue;
+            }
+            self.note_change();
+            self.count_parked(-(expired.len() as i64));
+            answered += expired.len();
+            // A poll whose client left meanwhile finds its waiter taken and drops this.
+            for tx in expired {
+                let _ = tx.send(super::Answer::Reconnect.into());
+            }
+        }
+        answered
+    }
+
+    /// Entries in the park deadlines, stale ones included (for tests and the benchmark).
+    pub fn deadline_entries(&self) -> usize {
+        self.deadlines.iter().map(|d| d.lock().len()).sum()
+    }
+}
+
+/// Runs [`Hub::expire_parked`] every [`TICK`] on a thread of its own for as long as the
+/// hub lives. Not a tokio task: a hub is also built outside a runtime (benchmarks, tests),
+/// and expiring is short work under shard locks, never an `.await`.
+pub(super) fn spawn_park_timer(hub: Weak<Hub>) {
+    std::thread::Builder::new()
+        .name("nudge-park-timer".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(TICK);
+                let Some(hub) = hub.upgrade() else { break };
+                hub.expire_parked(Instant::now());
+            }
+        })
+        .expect("the park timer thread starts");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_what_is_due_and_leaves_the_rest() {
+        let ids: Vec<ChannelId> = (0..4).map(|_| ChannelId::random()).collect();
+        let id = |n: usize| ids[n];
+        let mut d = Deadlines::default();
+        d.insert(5, id(1), 1);
+        d.insert(7, id(2), 2);
+        d.insert(5, id(3), 3);
+        assert!(d.take_due(4).is_empty());
+        let due: Vec<_> = d.take_due(6).into_iter().flatten().collect();
+        assert_eq!(due, vec![(id(1), 1), (id(3), 3)]);
+        assert_eq!(d.len(), 1);
+        let due: Vec<_> = d.take_due(100).into_iter().flatten().collect();
+        assert_eq!(due, vec![(id(2), 2)]);
+        assert_eq!(d.len(), 0);
+    }
+}
