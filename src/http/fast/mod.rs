@@ -27,6 +27,7 @@ mod write;
 
 use std::cell::RefCell;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -98,6 +99,52 @@ enum NextHead {
     Move,
 }
 
+/// The part of an answer the socket did not take at once, and whether the connection
+/// closes after it.
+struct Unwritten {
+    rest: Vec<u8>,
+    close_after: bool,
+}
+
+/// An answer that could not be written: a `new_change` goes back to its channel.
+fn undelivered(reply: Reply, parked: Option<&ParkedPoll>) {
+    if let (Reply::Answer(answer), Some(parked)) = (reply, parked) {
+        parked.undelivered(answer);
+    }
+}
+
+/// How a connection leaves [`FastPath::serve_from`]'s loop: the rare ways on are awaited
+/// after it, so that nothing of theirs takes room in the state of a parked poll.
+enum Tail {
+    /// Closed, moved to another process, or done.
+    Done,
+    /// Not a fast-path request: hyper serves the connection, these bytes first.
+    Hyper(TcpStream, Vec<u8>),
+    /// The client queued bytes behind its parked poll ([`FastPath::serve_queued`]).
+    Queued(TcpStream, ParkedPoll, Framing),
+    /// A held poll's answer, with bytes the client queued behind it for hyper.
+    AnswerThenHyper(TcpStream, Reply, Framing, Vec<u8>),
+}
+
+/// What a connection does with the poll it started.
+enum Next {
+    Reply(Reply),
+    Park(ParkedPoll),
+    Hold(crate::hub::HeldPoll),
+    /// Taken out: held elsewhere, or handed over.
+    Taken,
+}
+
+impl Next {
+    /// The parked poll, leaving `Taken` in its place.
+    fn take_parked(&mut self) -> Option<ParkedPoll> {
+        match std::mem::replace(self, Next::Taken) {
+            Next::Park(parked) => Some(parked),
+            _ => None,
+        }
+    }
+}
+
 /// How waiting on a parked poll ended.
 enum Waited {
     Answer(Answer),
@@ -167,105 +214,165 @@ impl FastPath {
 
     /// [`FastPath::serve`], beginning with `first` (a poll already started, with its
     /// framing) when given: a connection moved here by an upgrade in place.
-    async fn serve_from(
+    ///
+    /// An `async` block rather than an `async fn`: an `async fn` moves its arguments into
+    /// locals of its own and keeps room for both in every state, 80 bytes; the parked state
+    /// is also arranged so that nothing but the poll outlives the start of its wait (see
+    /// `benches/README.md` for what each byte here costs a parked poll).
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep its arguments twice"
+    )]
+    fn serve_from(
         self: Arc<Self>,
         mut stream: TcpStream,
         mut close: Watcher,
         task: FastTask,
         mut first: Option<Box<(PollStart, Framing)>>,
-    ) {
-        loop {
-            // Scoped so that nothing of the request outlives the start of the poll.
-            let (start, mut framing) = match first.take() {
-                Some(first) => *first,
-                None => match Box::pin(self.next_head(&stream, &mut close)).await {
-                    NextHead::Fast(FastRequest {
-                        query,
-                        close,
-                        allowed_origin,
-                    }) => {
-                        self.served.inc();
-                        let framing = Framing {
-                            close_requested: close,
-                            origin: allowed_origin,
-                        };
-                        match self.start_poll(&query) {
-                            // The node is handing its connections over: this one goes with
-                            // its request, to be started by the new process.
-                            PollStart::Moving => match self.move_pending(stream, query, framing) {
-                                Ok(()) => return,
-                                Err((back, framing)) => {
-                                    stream = back;
-                                    (PollStart::Moving, framing)
+    ) -> impl Future<Output = ()> + Send + 'static {
+        async move {
+            let tail = loop {
+                // Scoped so that nothing of the request outlives the start of the poll, and
+                // the start itself is gone before any wait: only `next` holds the poll.
+                let (mut next, mut framing) = {
+                    let (start, framing) = match first.take() {
+                        Some(first) => *first,
+                        None => match Box::pin(self.next_head(&stream, &mut close)).await {
+                            NextHead::Fast(FastRequest {
+                                query,
+                                close,
+                                allowed_origin,
+                            }) => {
+                                self.served.inc();
+                                let framing = Framing {
+                                    close_requested: close,
+                                    origin: allowed_origin,
+                                };
+                                match self.start_poll(&query) {
+                                    // The node is handing its connections over: this one
+                                    // goes with its request, to be started by the new process.
+                                    PollStart::Moving => {
+                                        match self.move_pending(stream, query, framing) {
+                                            Ok(()) => break Tail::Done,
+                                            Err((back, framing)) => {
+                                                stream = back;
+                                                (PollStart::Moving, framing)
+                                            }
+                                        }
+                                    }
+                                    start => (start, framing),
                                 }
-                            },
-                            start => (start, framing),
-                        }
-                    }
-                    NextHead::Hyper(prefix) => {
-                        drop(task);
-                        // Boxed: hyper's connection future is large.
-                        Box::pin(self.hand_to_hyper(stream, prefix, close)).await;
-                        return;
-                    }
-                    NextHead::Move => match self.mover.try_move(stream, MovedState::Idle) {
-                        Ok(()) => return,
-                        // The handover ended meanwhile: read the head as usual.
-                        Err((back, _)) => {
-                            stream = back;
-                            continue;
-                        }
-                    },
-                    NextHead::Done => return,
-                },
-            };
-            let (reply, parked) = match start {
-                PollStart::Answer(a) => (Reply::Answer(a), None),
-                PollStart::TooManyPolls => (Reply::TooManyPolls, None),
-                PollStart::OverCapacity => (Reply::OverCapacity, None),
-                // Could not move (the handover ended meanwhile): as in a drain.
-                PollStart::Moving => (Reply::Answer(self.reconnect()), None),
-                // Rare (ids that are not live): boxed, like the read above.
-                PollStart::Hold(held) => {
-                    let mut queued = Vec::new();
-                    match Box::pin(answer_or_gone(&stream, &mut queued, held.wait())).await {
-                        None => return, // the client went away
-                        Some(a) if queued.is_empty() => (Reply::Answer(a), None),
-                        Some(a) => {
-                            drop(task);
-                            let rest = (stream, queued, close);
-                            Box::pin(self.answer_then_hyper(Reply::Answer(a), None, framing, rest))
-                                .await;
-                            return;
-                        }
-                    }
-                }
-                PollStart::Park(mut parked) => {
-                    self.state.hub.metrics().count_parked(ParkedOn::Fast);
-                    match wait_parked(&stream, &mut parked).await {
-                        Waited::Answer(a) => (Reply::Answer(a), Some(parked)),
-                        Waited::Gone => return, // dropping the poll keeps a change pending
-                        Waited::Queued => {
-                            drop(task);
-                            Box::pin(self.serve_queued(stream, parked, framing, close)).await;
-                            return;
-                        }
-                        Waited::Handover(token) => {
-                            match self.move_parked(stream, parked, framing, token) {
-                                Ok(()) => return,
-                                Err((back, back_framing)) => {
-                                    stream = back;
-                                    framing = back_framing;
-                                    (Reply::Answer(self.reconnect()), None)
+                            }
+                            NextHead::Hyper(prefix) => break Tail::Hyper(stream, prefix),
+                            NextHead::Move => {
+                                match self.mover.try_move(stream, MovedState::Idle) {
+                                    Ok(()) => break Tail::Done,
+                                    // The handover ended meanwhile: read the head as usual.
+                                    Err((back, _)) => {
+                                        stream = back;
+                                        continue;
+                                    }
+                                }
+                            }
+                            NextHead::Done => break Tail::Done,
+                        },
+                    };
+                    (self.next_step(start), framing)
+                };
+                let reply = match &mut next {
+                    Next::Reply(reply) => *reply,
+                    Next::Park(poll) => {
+                        self.state.hub.metrics().count_parked(ParkedOn::Fast);
+                        match wait_parked(&stream, poll).await {
+                            Waited::Answer(a) => Reply::Answer(a),
+                            // Dropping the poll keeps a change it held pending.
+                            Waited::Gone => break Tail::Done,
+                            Waited::Queued => {
+                                let poll = next.take_parked().expect("parked");
+                                break Tail::Queued(stream, poll, framing);
+                            }
+                            Waited::Handover(token) => {
+                                let poll = next.take_parked().expect("parked");
+                                match self.move_parked(stream, poll, framing, token) {
+                                    Ok(()) => break Tail::Done,
+                                    Err((back, back_framing)) => {
+                                        stream = back;
+                                        framing = back_framing;
+                                        Reply::Answer(self.reconnect())
+                                    }
                                 }
                             }
                         }
                     }
+                    // Rare (ids that are not live): boxed, like the read above.
+                    Next::Hold(_) => {
+                        let Next::Hold(held) = std::mem::replace(&mut next, Next::Taken) else {
+                            unreachable!("matched above")
+                        };
+                        let mut queued = Vec::new();
+                        match Box::pin(answer_or_gone(&stream, &mut queued, held.wait())).await {
+                            None => break Tail::Done, // the client went away
+                            Some(a) if queued.is_empty() => Reply::Answer(a),
+                            Some(a) => {
+                                let reply = Reply::Answer(a);
+                                break Tail::AnswerThenHyper(stream, reply, framing, queued);
+                            }
+                        }
+                    }
+                    Next::Taken => unreachable!("taken only on the way out"),
+                };
+                let parked = match &next {
+                    Next::Park(poll) => Some(poll),
+                    _ => None,
+                };
+                let keep = match self.write_now(&stream, reply, parked, &framing) {
+                    Ok(keep) => keep,
+                    // Rare (a full socket buffer): boxed, so that no parked poll pays for it.
+                    Err(rest) => Box::pin(self.write_rest(&stream, rest, reply, parked)).await,
+                };
+                if !keep {
+                    break Tail::Done;
                 }
             };
-            if !self.write(&stream, reply, parked.as_ref(), &framing).await {
-                return;
+            // What follows is no longer this fast path's to count (nor to hand over).
+            drop(task);
+            if let Some(rest) = self.after_loop(tail, close) {
+                rest.await;
             }
+        }
+    }
+
+    /// The rest of a connection that left the loop of [`FastPath::serve_from`] another way
+    /// than closing: built here, boxed, and awaited as one future, so that the loop's state
+    /// (a parked poll's) has nothing of it. Boxed: hyper's connection future is large.
+    fn after_loop(
+        self: Arc<Self>,
+        tail: Tail,
+        close: Watcher,
+    ) -> Option<Pin<Box<dyn Future<Output = ()> + Send>>> {
+        Some(match tail {
+            Tail::Done => return None,
+            Tail::Hyper(stream, prefix) => Box::pin(self.hand_to_hyper(stream, prefix, close)),
+            Tail::Queued(stream, poll, framing) => {
+                Box::pin(self.serve_queued(stream, poll, framing, close))
+            }
+            Tail::AnswerThenHyper(stream, reply, framing, queued) => {
+                let rest = (stream, queued, close);
+                Box::pin(self.answer_then_hyper(reply, None, framing, rest))
+            }
+        })
+    }
+
+    /// What a started poll comes to on this connection.
+    fn next_step(&self, start: PollStart) -> Next {
+        match start {
+            PollStart::Answer(a) => Next::Reply(Reply::Answer(a)),
+            PollStart::TooManyPolls => Next::Reply(Reply::TooManyPolls),
+            PollStart::OverCapacity => Next::Reply(Reply::OverCapacity),
+            // Could not move (the handover ended meanwhile): as in a drain.
+            PollStart::Moving => Next::Reply(Reply::Answer(self.reconnect())),
+            PollStart::Hold(held) => Next::Hold(held),
+            PollStart::Park(parked) => Next::Park(parked),
         }
     }
 
@@ -326,22 +433,52 @@ impl FastPath {
         parked: Option<&ParkedPoll>,
         framing: &Framing,
     ) -> bool {
+        match self.write_now(stream, reply, parked, framing) {
+            Ok(keep) => keep,
+            Err(rest) => self.write_rest(stream, rest, reply, parked).await,
+        }
+    }
+
+    /// [`FastPath::write`] as far as it goes without waiting: `Err` with what the socket
+    /// did not take (its buffer is full), for [`FastPath::write_rest`].
+    fn write_now(
+        &self,
+        stream: &TcpStream,
+        reply: Reply,
+        parked: Option<&ParkedPoll>,
+        framing: &Framing,
+    ) -> Result<bool, Unwritten> {
         let close_after = framing.close_requested || self.state.hub.is_draining();
         let cors = self
             .state
             .cors
             .enabled()
             .then_some(framing.origin.as_deref());
-        let written = match try_write_reply(stream, self.prebuilt(reply), cors, close_after) {
-            Ok(None) => Ok(()),
-            // Rare (a full socket buffer): boxed, so that no parked poll pays for it.
-            Ok(Some(rest)) => Box::pin(write_rest(stream, rest)).await,
-            Err(e) => Err(e),
-        };
-        if let (Err(_), Reply::Answer(answer), Some(parked)) = (&written, reply, parked) {
-            parked.undelivered(answer);
+        match try_write_reply(stream, self.prebuilt(reply), cors, close_after) {
+            Ok(None) => Ok(!close_after),
+            Ok(Some(rest)) => Err(Unwritten { rest, close_after }),
+            Err(_) => {
+                undelivered(reply, parked);
+                Ok(false)
+            }
         }
-        written.is_ok() && !close_after
+    }
+
+    /// Writes what [`FastPath::write_now`] could not.
+    async fn write_rest(
+        &self,
+        stream: &TcpStream,
+        unwritten: Unwritten,
+        reply: Reply,
+        parked: Option<&ParkedPoll>,
+    ) -> bool {
+        match write_rest(stream, unwritten.rest).await {
+            Ok(()) => !unwritten.close_after,
+            Err(_) => {
+                undelivered(reply, parked);
+                false
+            }
+        }
     }
 
     /// A parked poll whose client sent more bytes behind it: waits for its answer while
