@@ -29,6 +29,14 @@ use crate::id::ChannelId;
 /// `retry_timeout` is at least 1 s).
 pub const TICK: Duration = Duration::from_millis(50);
 
+const TICK_NANOS: u64 = TICK.as_nanos() as u64;
+
+/// Longest the park timer sleeps: shorter than the shortest park time (0.81 s, at a
+/// `retry_timeout` of 1 s), so that a poll parked while it sleeps is never late, and often
+/// enough that stale entries are compacted soon. A node whose polls are all due later
+/// wakes twice a second, not twenty times.
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+
 /// Entries a shard may hold beyond twice the last compaction's survivors before it is
 /// compacted again: small lists are left alone.
 const COMPACT_SLACK: usize = 256;
@@ -48,6 +56,11 @@ impl Deadlines {
     pub fn insert(&mut self, tick: u64, id: ChannelId, key: u64) {
         self.due.entry(tick).or_default().push((id, key));
         self.entries += 1;
+    }
+
+    /// The earliest tick it holds.
+    pub fn first_tick(&self) -> Option<u64> {
+        self.due.first_key_value().map(|(tick, _)| *tick)
     }
 
     /// Takes every entry due at or before `tick`.
@@ -98,15 +111,20 @@ impl Hub {
     /// time.
     pub(super) fn tick_of(&self, deadline: Instant) -> u64 {
         let since = deadline.saturating_duration_since(self.origin);
-        since.as_nanos().div_ceil(TICK.as_nanos()) as u64
+        (since.as_nanos() as u64).div_ceil(TICK_NANOS)
     }
 
     /// Answers `reconnect` to every parked poll whose deadline has passed by `now`, counted
     /// against its channel's budget. Returns how many it answered.
     pub fn expire_parked(&self, now: Instant) -> usize {
-        let tick = now.saturating_duration_since(self.origin).as_nanos() / TICK.as_nanos();
-        let tick = tick as u64;
+        self.expire_due(now).0
+    }
+
+    /// [`Hub::expire_parked`], and when the next entry is due, if any.
+    fn expire_due(&self, now: Instant) -> (usize, Option<Instant>) {
+        let tick = now.saturating_duration_since(self.origin).as_nanos() as u64 / TICK_NANOS;
         let mut answered = 0;
+        let mut next: Option<u64> = None;
         for (shard, deadlines) in self.channels.iter().zip(self.deadlines.iter()) {
             let mut expired = Vec::new();
             {
@@ -124,6 +142,9 @@ impl Hub {
                     expired.push(waiter.tx);
                 }
                 deadlines.compact_if_due(&shard);
+                if let Some(first) = deadlines.first_tick() {
+                    next = Some(next.map_or(first, |n| n.min(first)));
+                }
             }
             if expired.is_empty() {
                 continue;
@@ -136,7 +157,8 @@ impl Hub {
                 let _ = tx.send(super::Answer::Reconnect.into());
             }
         }
-        answered
+        let next = next.map(|tick| self.origin + Duration::from_nanos(TICK_NANOS * tick));
+        (answered, next)
     }
 
     /// Entries in the park deadlines, stale ones included (for tests and the benchmark).
@@ -145,17 +167,22 @@ impl Hub {
     }
 }
 
-/// Runs [`Hub::expire_parked`] every [`TICK`] on a thread of its own for as long as the
-/// hub lives. Not a tokio task: a hub is also built outside a runtime (benchmarks, tests),
-/// and expiring is short work under shard locks, never an `.await`.
+/// Runs [`Hub::expire_parked`] on a thread of its own for as long as the hub lives, when
+/// the next entry is due and at least every [`MAX_SLEEP`]. Not a tokio task: a hub is also
+/// built outside a runtime (benchmarks, tests), and expiring is short work under shard
+/// locks, never an `.await`.
 pub(super) fn spawn_park_timer(hub: Weak<Hub>) {
     std::thread::Builder::new()
         .name("nudge-park-timer".into())
         .spawn(move || {
+            let mut wake = Instant::now() + TICK;
             loop {
-                std::thread::sleep(TICK);
+                std::thread::sleep(wake.saturating_duration_since(Instant::now()));
                 let Some(hub) = hub.upgrade() else { break };
-                hub.expire_parked(Instant::now());
+                let now = Instant::now();
+                let (_, next) = hub.expire_due(now);
+                let latest = now + MAX_SLEEP;
+                wake = next.map_or(latest, |next| next.min(latest));
             }
         })
         .expect("the park timer thread starts");
