@@ -9,14 +9,17 @@
 //! A poll answered before its deadline (a publish, the drain, its client leaving) leaves
 //! its entry behind: taking it out would mean finding it. The entry is looked up when its
 //! tick comes and skipped if its waiter is gone; and so that a busy node's stale entries
-//! cannot pile up for a whole park time, a shard's list is compacted whenever it holds
-//! twice what it held after the last compaction (amortised: one lookup per entry added).
+//! cannot pile up for a whole park time, the lists are compacted whenever the stale entries
+//! outnumber the parked polls (amortised: one lookup per poll answered early). Counting the
+//! stale ones costs nothing: every entry but the stale ones is a parked poll, which the hub
+//! counts anyway, so a node that only parks (a million polls arriving) never compacts.
 //!
 //! Lock order: a shard's deadlines are only ever locked while holding the same shard's
 //! channel lock, so they add no lock of their own to reason about.
 
 use std::collections::BTreeMap;
 use std::sync::Weak;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -37,9 +40,9 @@ const TICK_NANOS: u64 = TICK.as_nanos() as u64;
 /// wakes twice a second, not twenty times.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 
-/// Entries a shard may hold beyond twice the last compaction's survivors before it is
-/// compacted again: small lists are left alone.
-const COMPACT_SLACK: usize = 256;
+/// Stale entries a hub may hold beyond as many as it has parked polls before its lists are
+/// compacted: small numbers are left alone.
+pub const COMPACT_SLACK: usize = 16_384;
 
 /// The park deadlines of one channel shard.
 #[derive(Default)]
@@ -47,8 +50,6 @@ pub(super) struct Deadlines {
     /// Tick → the polls due in it, as (channel, waiter key).
     due: BTreeMap<u64, Vec<(ChannelId, u64)>>,
     entries: usize,
-    /// Entries left by the last compaction.
-    kept: usize,
 }
 
 impl Deadlines {
@@ -80,12 +81,8 @@ impl Deadlines {
         due
     }
 
-    /// Drops the entries whose poll is no longer parked, if enough have been added since the
-    /// last time for it to pay.
-    pub fn compact_if_due(&mut self, shard: &ChannelShard) {
-        if self.entries < 2 * self.kept + COMPACT_SLACK {
-            return;
-        }
+    /// Drops the entries whose poll is no longer parked.
+    pub fn compact(&mut self, shard: &ChannelShard) {
         let parked = |id: &ChannelId, key: u64| {
             shard
                 .get(id)
@@ -97,7 +94,6 @@ impl Deadlines {
             !list.is_empty()
         });
         self.entries = self.due.values().map(Vec::len).sum();
-        self.kept = self.entries;
     }
 
     /// How many entries it holds, stale ones included.
@@ -125,6 +121,15 @@ impl Hub {
         let tick = now.saturating_duration_since(self.origin).as_nanos() as u64 / TICK_NANOS;
         let mut answered = 0;
         let mut next: Option<u64> = None;
+        // Entries as the last pass left them, less the parked polls: the stale ones (those
+        // filed since are parked polls too, and not counted on either side).
+        let parked = self.parked.load(Ordering::Relaxed).max(0) as usize;
+        let stale = self
+            .deadline_total
+            .load(Ordering::Relaxed)
+            .saturating_sub(parked);
+        let compact = stale > parked + COMPACT_SLACK;
+        let mut total = 0;
         for (shard, deadlines) in self.channels.iter().zip(self.deadlines.iter()) {
             let mut expired = Vec::new();
             {
@@ -141,7 +146,10 @@ impl Hub {
                     ch.touch_if_idle(now);
                     expired.push(waiter.tx);
                 }
-                deadlines.compact_if_due(&shard);
+                if compact {
+                    deadlines.compact(&shard);
+                }
+                total += deadlines.len();
                 if let Some(first) = deadlines.first_tick() {
                     next = Some(next.map_or(first, |n| n.min(first)));
                 }
@@ -157,6 +165,7 @@ impl Hub {
                 let _ = tx.send(super::Answer::Reconnect.into());
             }
         }
+        self.deadline_total.store(total, Ordering::Relaxed);
         let next = next.map(|tick| self.origin + Duration::from_nanos(TICK_NANOS * tick));
         (answered, next)
     }

@@ -44,6 +44,7 @@ use tokio::time::{Instant, sleep_until};
 
 use channel::Channel;
 pub use channel::Limits;
+pub use deadlines::COMPACT_SLACK;
 use not_live::NotLive;
 use topics::Topics;
 
@@ -361,6 +362,8 @@ pub struct Hub {
     deadlines: Box<[Mutex<deadlines::Deadlines>]>,
     /// Where the deadlines' ticks count from.
     origin: Instant,
+    /// Entries in the deadlines after the park timer's last pass.
+    deadline_total: AtomicUsize,
     topics: Topics,
     not_live: Mutex<NotLive>,
     metrics: Arc<Metrics>,
@@ -407,6 +410,7 @@ impl Hub {
             channels: (0..CHANNEL_SHARDS).map(|_| Mutex::default()).collect(),
             deadlines: (0..CHANNEL_SHARDS).map(|_| Mutex::default()).collect(),
             origin: Instant::now(),
+            deadline_total: AtomicUsize::new(0),
             not_live: Mutex::new(NotLive::new(NOT_LIVE_CAPACITY)),
             metrics,
             next_key: AtomicU64::new(0),

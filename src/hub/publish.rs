@@ -11,20 +11,28 @@ use tokio::time::Instant;
 use super::{Answer, Delivery, FanoutClock, Hub, Publish, PublishReport, Rider, answer_spread};
 use crate::id::ChannelId;
 
+/// A poll a publish woke: its channel, the publish's position, the waiter's sender, the
+/// publish's clock.
+type Wake = (
+    ChannelId,
+    Option<u64>,
+    oneshot::Sender<Delivery>,
+    Arc<Rider>,
+);
+
 impl Hub {
     /// Applies publishes: wakes the parked polls of every channel they concern, and marks
     /// the others pending. `source` labels `nudge_publishes_total`.
+    ///
+    /// The polls one publish woke are answered before the next publish of a batch is
+    /// applied, so that other workers write those answers while this one goes on through
+    /// the batch (with 18,000 topics in one batch, answering all at the end held every
+    /// answer back by the whole batch's time).
     pub fn publish(&self, batch: &[Publish], source: &str) -> PublishReport {
         let arrived = Instant::now();
         let mut ids = Vec::new();
-        // (channel, the publish's position, the waiter's sender, the publish's clock)
-        type Wake = (
-            ChannelId,
-            Option<u64>,
-            oneshot::Sender<Delivery>,
-            Arc<Rider>,
-        );
         let mut wake: Vec<Wake> = Vec::new();
+        let mut woken = 0;
         for p in batch {
             ids.clear();
             // One clock per publish, made when it first wakes a poll.
@@ -58,22 +66,9 @@ impl Hub {
                     self.count_parked(-n);
                 }
             }
+            woken += self.answer_woken(&mut wake);
         }
         self.set_topic_gauges();
-        // No lock held from here on.
-        let mut woken = 0;
-        for (id, position, tx, clock) in wake {
-            let delivery = Delivery {
-                answer: Answer::NewChange,
-                rider: Some(clock),
-            };
-            if tx.send(delivery).is_ok() {
-                woken += 1;
-            } else if let Some(ch) = self.shard(id).lock().get_mut(&id) {
-                // The client left between parking and now: keep the change for its next poll.
-                ch.pending.mark(position);
-            }
-        }
         // Marks, positions (a bus entry also moves the node's bus position).
         self.note_change();
         self.metrics
@@ -86,6 +81,25 @@ impl Hub {
             published: batch.len(),
             woken,
         }
+    }
+
+    /// Answers `new_change` to the polls a publish took off their channels, with no lock
+    /// held. Returns how many took it.
+    fn answer_woken(&self, wake: &mut Vec<Wake>) -> usize {
+        let mut woken = 0;
+        for (id, position, tx, clock) in wake.drain(..) {
+            let delivery = Delivery {
+                answer: Answer::NewChange,
+                rider: Some(clock),
+            };
+            if tx.send(delivery).is_ok() {
+                woken += 1;
+            } else if let Some(ch) = self.shard(id).lock().get_mut(&id) {
+                // The client left between parking and now: keep the change for its next poll.
+                ch.pending.mark(position);
+            }
+        }
+        woken
     }
 
     /// Answers every parked poll `new_change`, `rate` of them a second, and marks every

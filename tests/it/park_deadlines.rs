@@ -126,9 +126,9 @@ async fn stale_deadlines_of_a_busy_node_stay_bounded() {
         peak = peak.max(hub.deadline_entries());
         tokio::task::yield_now().await;
     }
-    // Every shard is compacted once it holds twice its last survivors plus a small slack
-    // (256 entries in each of 64 shards): nowhere near the 200,000 entries added.
-    let bound = 64 * 256 + 2 * CHANNELS;
+    // The lists are compacted once the stale entries outnumber the parked polls by more
+    // than a slack: nowhere near the 200,000 entries added.
+    let bound = nudge::hub::COMPACT_SLACK + 2 * CHANNELS;
     wait_until("stale entries compacted", Duration::from_secs(5), || {
         hub.deadline_entries() <= bound
     })
