@@ -65,25 +65,10 @@ impl Hub {
             return Err(self.refuse("channels", self.caps.max_channels));
         }
         let id = ChannelId::random();
-        let mut added = 0;
-        let names: Arc<[Arc<str>]> = topics
-            .iter()
-            .map(|t| {
-                let (name, new_bytes) = self.topics.attach(t, id);
-                added += new_bytes;
-                name
-            })
-            .collect();
-        // Names already bound by other channels cost nothing more: only a registration that
-        // brings new bytes past the cap is refused, and undone.
-        if added > 0 && self.topics.bound_bytes() > self.caps.max_topic_bytes {
-            let now = Instant::now();
-            for t in names.iter() {
-                self.topics.detach(t, id, now);
-            }
+        let Some(names) = self.bind_topics(&topics, id) else {
             self.live.fetch_sub(1, Ordering::AcqRel);
             return Err(self.refuse("topic bytes", self.caps.max_topic_bytes));
-        }
+        };
         let channel = Channel::new(
             names,
             reg.subject.as_deref(),
@@ -222,6 +207,33 @@ impl Hub {
         self.note_change();
         self.metrics.channels.dec();
         self.set_topic_gauges();
+    }
+
+    /// Binds channel `id` to `topics`, unless that brings new bytes of names past
+    /// `--max-topic-bytes`: then nothing is bound. Names already bound by other channels
+    /// cost nothing more. For a registration and for a channel restored from a snapshot.
+    pub(super) fn bind_topics<T: AsRef<str>>(
+        &self,
+        topics: &[T],
+        id: ChannelId,
+    ) -> Option<Arc<[Arc<str>]>> {
+        let mut added = 0;
+        let names: Arc<[Arc<str>]> = topics
+            .iter()
+            .map(|t| {
+                let (name, new_bytes) = self.topics.attach(t.as_ref(), id);
+                added += new_bytes;
+                name
+            })
+            .collect();
+        if added > 0 && self.topics.bound_bytes() > self.caps.max_topic_bytes {
+            let now = Instant::now();
+            for t in names.iter() {
+                self.topics.detach(t, id, now);
+            }
+            return None;
+        }
+        Some(names)
     }
 
     /// Removes expired channels, old positions and old not-live ids. Returns the number of

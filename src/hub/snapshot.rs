@@ -6,7 +6,6 @@
 //! Times are wall-clock (milliseconds since the UNIX epoch), since a monotonic `Instant`
 //! means nothing in another process. The encoding lives in `wire::snapshot`.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -171,11 +170,12 @@ impl Hub {
                 .max(Duration::from_secs(1)),
             max_retries: c.max_retries.min(node.max_retries),
         };
-        let topics: Arc<[Arc<str>]> = c
-            .topics
-            .iter()
-            .map(|t| self.topics.attach(t, id).0)
-            .collect();
+        // Within `--max-topic-bytes` as a registration is: a node restarted with a lower
+        // cap restores what fits.
+        let Some(topics) = self.bind_topics(&c.topics, id) else {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        };
         let mut pending = Pending::from_parts(c.pending);
         if mark_pending {
             pending.mark(None);
@@ -200,6 +200,8 @@ impl Hub {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::hub::{HubConfig, Registration};
     use crate::metrics::Metrics;
@@ -343,6 +345,53 @@ mod tests {
         let left = b.channel_info(&id).unwrap().expires_in_seconds.unwrap();
         assert!((29.0..=30.0).contains(&left), "{left}");
         drop(parked);
+    }
+
+    #[test]
+    fn a_restore_stays_within_max_topic_bytes() {
+        let a = hub();
+        for n in 0..3 {
+            a.register(Registration {
+                topics: vec![format!("topic-{n}")],
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        // Room for the names of two channels ("topic-N" is 7 bytes), not three.
+        let small = Hub::with_caps(
+            a.config().clone(),
+            crate::hub::Caps {
+                max_channels: 100,
+                max_topic_bytes: 14,
+            },
+            Arc::new(Metrics::new(prometheus::Registry::new(), false)),
+        );
+        let done = small.restore(&a.snapshot(), true);
+        assert_eq!((done.channels, done.skipped), (2, 1));
+        assert_eq!(small.counts().channels, 2);
+        assert_eq!(
+            small.counts().topics,
+            2,
+            "the skipped channel's topic is not kept"
+        );
+        // A channel on a topic already bound still fits; a new name does not.
+        let bound = small.snapshot().channels[0].topics[0].clone();
+        assert!(
+            small
+                .register(Registration {
+                    topics: vec![bound],
+                    ..Default::default()
+                })
+                .is_ok()
+        );
+        assert!(
+            small
+                .register(Registration {
+                    topics: vec!["topic-x".into()],
+                    ..Default::default()
+                })
+                .is_err()
+        );
     }
 
     #[test]
