@@ -43,6 +43,7 @@ METRICS = {
     "nudge_bus_lag_seconds_bucket", "nudge_bus_lag_seconds_sum", "nudge_bus_lag_seconds_count",
     "nudge_fanout_seconds_bucket", "nudge_fanout_seconds_sum",
     "nudge_fanout_seconds_count",
+    "nudge_state_snapshots_total", "nudge_state_snapshot_failures_total",
     "process_resident_memory_bytes", "process_open_fds", "process_max_fds",
     "process_start_time_seconds", "process_cpu_seconds_total",
     # Prometheus' own per-target series.

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub bus_connected: IntGauge,
     /// `nudge_state_snapshots_total`: snapshots written to `--state-dir`.
     pub state_snapshots_total: IntCounter,
+    /// `nudge_state_snapshot_failures_total`: snapshots that could not be written.
+    pub state_snapshot_failures_total: IntCounter,
     /// `nudge_state_snapshot_seconds`: how long the last one took to take and write.
     pub state_snapshot_seconds: Gauge,
     /// `nudge_state_snapshot_bytes`: the last one's size.
@@ -277,6 +279,14 @@ impl Metrics {
                 IntCounter::new(
                     "nudge_state_snapshots_total",
                     "Snapshots of the node's state written to --state-dir.",
+                )
+                .unwrap(),
+            ),
+            state_snapshot_failures_total: reg(
+                &registry,
+                IntCounter::new(
+                    "nudge_state_snapshot_failures_total",
+                    "Snapshots of the node's state that could not be written to --state-dir.",
                 )
                 .unwrap(),
             ),

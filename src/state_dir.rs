@@ -110,8 +110,10 @@ impl StateDir {
             hub: hub.snapshot(),
             bus_position,
         };
-        let bytes = self.write(&snapshot)?;
         let m = hub.metrics();
+        let bytes = self.write(&snapshot).inspect_err(|_| {
+            m.state_snapshot_failures_total.inc();
+        })?;
         m.state_snapshots_total.inc();
         m.state_snapshot_seconds
             .set(started.elapsed().as_secs_f64());

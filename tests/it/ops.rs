@@ -116,6 +116,7 @@ async fn metrics_have_every_spec_name_and_no_channel_or_topic_label() {
         ("nudge_bus_stalls_total", "counter"),
         ("nudge_bus_lag_seconds", "histogram"),
         ("nudge_state_snapshots_total", "counter"),
+        ("nudge_state_snapshot_failures_total", "counter"),
         ("nudge_state_snapshot_seconds", "gauge"),
         ("nudge_state_snapshot_bytes", "gauge"),
         ("nudge_state_snapshot_channels", "gauge"),

@@ -242,6 +242,41 @@ async fn an_idle_node_writes_its_state_only_when_something_changed() {
     node.wait_snapshots_past(after).await;
 }
 
+/// A state directory that goes away (a volume unmounted, a cleanup run too wide): every
+/// failed write is counted (the alert `NudgeStateNotWritten` reads the counter), the node
+/// goes on serving, and writes again once the directory is back. Root ignores file modes,
+/// so removing the directory is the way to make a write fail here.
+#[tokio::test]
+async fn a_state_that_cannot_be_written_is_counted_and_written_once_it_can() {
+    let dir = TempDir::new("state-gone");
+    let node = Restartable::new(&dir, &["--state-interval", "100ms"]);
+    let url = node.register(json!({ "topics": ["t"] })).await;
+    node.wait_written(&dir, &[&url]).await;
+    assert_eq!(
+        node.metric("nudge_state_snapshot_failures_total").await,
+        0.0
+    );
+
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    let later = node.register(json!({ "topics": ["u"] })).await;
+    eventually("failed writes counted", secs(10.0), || async {
+        node.metric("nudge_state_snapshot_failures_total").await >= 2.0
+    })
+    .await;
+    node.log_with("state not written; will retry");
+    // Still serving.
+    assert_eq!(node.poll(&later, "&dont_block=true").await, "no_change");
+
+    std::fs::create_dir(dir.path()).unwrap();
+    node.wait_written(&dir, &[&url, &later]).await;
+    eventually("written again", secs(10.0), || async {
+        node.logs()
+            .iter()
+            .any(|l| l.contains("state written again"))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_drain_writes_the_last_state_and_expired_channels_stay_gone() {
     let dir = TempDir::new("state-drain");
