@@ -34,7 +34,7 @@ pub enum Kind {
 struct Obligation {
     topic: u32,
     position: u64,
-    /// The publish request was sent (the clock starts here) and answered.
+    /// The publish request was sent and answered (the deadline's clock starts here).
     sent: Instant,
     answered: Instant,
     /// Published around the reset drill's gap: its clock starts when every node is back
@@ -96,9 +96,12 @@ impl Book {
         self.paused_total + self.paused_since.map_or(Duration::ZERO, |s| now - s)
     }
 
-    /// Time an obligation has been outstanding, pauses not counted.
+    /// Time an obligation has been outstanding, pauses not counted: from the publish's
+    /// answer, when the main API knows the change is on its way (a publish sent while Redis
+    /// is paused is answered once Redis is back: the main API's call waits, it does not
+    /// fail, and the change could not be anywhere before).
     fn elapsed(&self, o: &Obligation, now: Instant) -> Duration {
-        let wall = now.saturating_duration_since(o.sent);
+        let wall = now.saturating_duration_since(o.answered);
         wall.saturating_sub(self.paused_clock(now).saturating_sub(o.paused_at_start))
     }
 

@@ -78,7 +78,8 @@
 //! the client's node had *said* it had applied the change before the poll was sent (the
 //! `tracker` asks every node, through probe channels polled with `stream_position`). Gaps that
 //! the nodes replay (connections killed, Redis paused) get no allowance at all: a change
-//! published during one is due `--deadline` after it was sent, like any other. Only the reset
+//! published during one is due `--deadline` after its publish was answered, like any other
+//! (a publish sent while Redis is paused waits for it and is answered when it is back). Only the reset
 //! drill (Redis restarted empty: the stream is gone and every node wakes all) has a window:
 //! a change published from 1 s before Redis is killed until 2 s after the last node is back
 //! is due `--deadline` after that: until a node is back it cannot know of the change, and
@@ -97,8 +98,9 @@
 //! `reset`, `drain`, joined by `+` when a short run overlaps them), or `no drill`.
 //!
 //! An obligation not discharged within `--deadline` (2 s) is **lost**. The clock runs from
-//! `s` and stops while the client deliberately pauses between polls (a paused client is not
-//! polling, so nothing can reach it); it does not stop for anything nudge does. Obligations
+//! the publish's answer and stops while the client deliberately pauses between polls (a
+//! paused client is not polling, so nothing can reach it); it does not stop for anything
+//! nudge does. Obligations
 //! still open when a client leaves are dropped (counted), unless already overdue.
 //!
 //! ## The tour
