@@ -347,8 +347,9 @@ mod tests {
         drop(parked);
     }
 
-    #[test]
-    fn a_restore_stays_within_max_topic_bytes() {
+    /// A hub holding three channels of a topic each (`topic-0` … `topic-2`), and an empty
+    /// one like it with these caps.
+    fn three_channels_and_a_small_hub(caps: crate::hub::Caps) -> (Arc<Hub>, Arc<Hub>) {
         let a = hub();
         for n in 0..3 {
             a.register(Registration {
@@ -357,15 +358,18 @@ mod tests {
             })
             .unwrap();
         }
+        let metrics = Arc::new(Metrics::new(prometheus::Registry::new(), false));
+        let small = Hub::with_caps(a.config().clone(), caps, metrics);
+        (a, small)
+    }
+
+    #[test]
+    fn a_restore_stays_within_max_topic_bytes() {
         // Room for the names of two channels ("topic-N" is 7 bytes), not three.
-        let small = Hub::with_caps(
-            a.config().clone(),
-            crate::hub::Caps {
-                max_channels: 100,
-                max_topic_bytes: 14,
-            },
-            Arc::new(Metrics::new(prometheus::Registry::new(), false)),
-        );
+        let (a, small) = three_channels_and_a_small_hub(crate::hub::Caps {
+            max_channels: 100,
+            max_topic_bytes: 14,
+        });
         let done = small.restore(&a.snapshot(), true);
         assert_eq!((done.channels, done.skipped), (2, 1));
         assert_eq!(small.counts().channels, 2);
@@ -396,22 +400,10 @@ mod tests {
 
     #[test]
     fn a_restore_stops_at_max_channels() {
-        let a = hub();
-        for n in 0..3 {
-            a.register(Registration {
-                topics: vec![format!("t{n}")],
-                ..Default::default()
-            })
-            .unwrap();
-        }
-        let small = Hub::with_caps(
-            a.config().clone(),
-            crate::hub::Caps {
-                max_channels: 2,
-                max_topic_bytes: 1 << 20,
-            },
-            Arc::new(Metrics::new(prometheus::Registry::new(), false)),
-        );
+        let (a, small) = three_channels_and_a_small_hub(crate::hub::Caps {
+            max_channels: 2,
+            max_topic_bytes: 1 << 20,
+        });
         let done = small.restore(&a.snapshot(), true);
         assert_eq!((done.channels, done.skipped), (2, 1));
         assert_eq!(small.counts().channels, 2);
