@@ -198,13 +198,7 @@ async fn read(
             Err(e) => return Some(e.to_string()),
         };
         let batch = entries.len();
-        for (id, fields) in entries {
-            apply(bus, id, &fields, &mut complaints);
-            if id <= replay_until {
-                bus.hub.metrics().bus_entries_replayed_total.inc();
-            }
-            bus.cursor.lock().applied(id);
-        }
+        apply_all(bus, &entries, replay_until, &mut complaints);
         // Under a heavy load, let entries gather before the next read: every `XREAD` costs
         // Redis a fixed amount, and a read per handful of entries made Redis the limit.
         // A light load (a few entries a read) is read at once, so no wake-up waits.
@@ -217,32 +211,55 @@ async fn read(
     }
 }
 
-/// Applies one entry on this node.
-fn apply(bus: &Bus, id: EntryId, fields: &[Vec<u8>], complaints: &mut Complaints) {
+/// Applies a reply's entries in order, then moves the cursor past them. A run of
+/// publishes goes to the hub as one batch (one call: one clock reading, one metrics
+/// update; at 300,000 entries a second that per-call cost was a tenth of a node's CPU), a
+/// revocation after the publishes before it. Nothing here awaits, so at every await point
+/// of the reader (where a drain or an upgrade stops it) the hub and the cursor agree.
+fn apply_all(bus: &Bus, entries: &[Entry], replay_until: EntryId, complaints: &mut Complaints) {
     let now_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    bus.hub
-        .metrics()
-        .bus_lag_seconds
-        .observe(now_ms.saturating_sub(id.ms) as f64 / 1000.0);
-    let Some(payload) = message::payload(fields) else {
-        complaints.complain(id, "the entry has no field m", 0);
-        return;
-    };
-    match message::decode(payload) {
-        Ok(Message::Publish(batch)) => {
-            bus.hub.publish(&batch, "bus");
+    let metrics = bus.hub.metrics();
+    let mut publishes = Vec::new();
+    for (id, fields) in entries {
+        metrics
+            .bus_lag_seconds
+            .observe(now_ms.saturating_sub(id.ms) as f64 / 1000.0);
+        let Some(payload) = message::payload(fields) else {
+            complaints.complain(*id, "the entry has no field m", 0);
+            continue;
+        };
+        match message::decode(payload) {
+            Ok(Message::Publish(batch)) => publishes.extend(batch),
+            Ok(Message::Revoke { origin, .. }) if origin.as_deref() == Some(bus.node_id()) => {
+                // Applied when it was posted here.
+            }
+            Ok(revoke @ Message::Revoke { .. }) => {
+                publish_all(bus, &mut publishes);
+                let filter = revoke.revoke_filter().expect("a revoke");
+                let revoked = bus.hub.revoke(&filter);
+                debug!(revoked, %id, "revocation from the bus applied");
+            }
+            Err(why) => complaints.complain(*id, &why, payload.len()),
         }
-        Ok(Message::Revoke { origin, .. }) if origin.as_deref() == Some(bus.node_id()) => {
-            // Applied when it was posted here.
-        }
-        Ok(revoke @ Message::Revoke { .. }) => {
-            let filter = revoke.revoke_filter().expect("a revoke");
-            let revoked = bus.hub.revoke(&filter);
-            debug!(revoked, %id, "revocation from the bus applied");
-        }
-        Err(why) => complaints.complain(id, &why, payload.len()),
+    }
+    publish_all(bus, &mut publishes);
+    let replayed = entries.iter().filter(|(id, _)| *id <= replay_until).count();
+    if replayed > 0 {
+        metrics.bus_entries_replayed_total.inc_by(replayed as u64);
+    }
+    let mut cursor = bus.cursor.lock();
+    for (id, _) in entries {
+        cursor.applied(*id);
+    }
+}
+
+/// Applies the publishes gathered so far, and empties the list.
+fn publish_all(bus: &Bus, publishes: &mut Vec<crate::hub::Publish>) {
+    if !publishes.is_empty() {
+        bus.hub.publish(publishes, "bus");
+        publishes.clear();
     }
 }
 
