@@ -14,8 +14,8 @@
 //! stale ones costs nothing: every entry but the stale ones is a parked poll, which the hub
 //! counts anyway, so a node that only parks (a million polls arriving) never compacts.
 //!
-//! Lock order: a shard's deadlines are only ever locked while holding the same shard's
-//! channel lock, so they add no lock of their own to reason about.
+//! Lock order: a shard's deadlines are locked while holding the same shard's channel lock,
+//! or alone (to count them), never the other way round: they add no lock order of their own.
 
 use std::collections::BTreeMap;
 use std::sync::Weak;
@@ -179,7 +179,8 @@ impl Hub {
 /// Runs [`Hub::expire_parked`] on a thread of its own for as long as the hub lives, when
 /// the next entry is due and at least every [`MAX_SLEEP`]. Not a tokio task: a hub is also
 /// built outside a runtime (benchmarks, tests), and expiring is short work under shard
-/// locks, never an `.await`.
+/// locks, never an `.await`. It keeps real time: under tokio's paused test clock a parked
+/// poll is answered `reconnect` when real time reaches its deadline, not paused time.
 pub(super) fn spawn_park_timer(hub: Weak<Hub>) {
     std::thread::Builder::new()
         .name("nudge-park-timer".into())
