@@ -110,6 +110,18 @@ impl Hub {
         (since.as_nanos() as u64).div_ceil(TICK_NANOS)
     }
 
+    /// Wakes the park timer if it sleeps past `tick`: a deadline sooner than its next wake
+    /// (a poll handed over by an upgrade near the end of its park time; the shortest park
+    /// times are longer than its longest sleep). While it scans it counts as sleeping
+    /// forever, so that a deadline filed behind its scan wakes it again at once.
+    pub(super) fn wake_park_timer_for(&self, tick: u64) {
+        if tick <= self.timer_planned.load(Ordering::Acquire)
+            && let Some(timer) = self.park_timer.get()
+        {
+            timer.unpark();
+        }
+    }
+
     /// Answers `reconnect` to every parked poll whose deadline has passed by `now`, counted
     /// against its channel's budget. Returns how many it answered.
     pub fn expire_parked(&self, now: Instant) -> usize {
@@ -177,25 +189,32 @@ impl Hub {
 }
 
 /// Runs [`Hub::expire_parked`] on a thread of its own for as long as the hub lives, when
-/// the next entry is due and at least every [`MAX_SLEEP`]. Not a tokio task: a hub is also
+/// the next entry is due (or a sooner one is filed) and at least every [`MAX_SLEEP`]. Not a tokio task: a hub is also
 /// built outside a runtime (benchmarks, tests), and expiring is short work under shard
 /// locks, never an `.await`. It keeps real time: under tokio's paused test clock a parked
 /// poll is answered `reconnect` when real time reaches its deadline, not paused time.
-pub(super) fn spawn_park_timer(hub: Weak<Hub>) {
+pub(super) fn spawn_park_timer(hub: Weak<Hub>) -> std::thread::Thread {
     std::thread::Builder::new()
         .name("nudge-park-timer".into())
         .spawn(move || {
             let mut wake = Instant::now() + TICK;
             loop {
-                std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+                // Woken early by `Hub::wake_park_timer_for` (or spuriously): it just scans.
+                std::thread::park_timeout(wake.saturating_duration_since(Instant::now()));
                 let Some(hub) = hub.upgrade() else { break };
+                hub.timer_planned.store(u64::MAX, Ordering::Release);
                 let now = Instant::now();
                 let (_, next) = hub.expire_due(now);
                 let latest = now + MAX_SLEEP;
                 wake = next.map_or(latest, |next| next.min(latest));
+                let planned = wake.saturating_duration_since(hub.origin).as_nanos() as u64;
+                hub.timer_planned
+                    .store(planned / TICK_NANOS, Ordering::Release);
             }
         })
-        .expect("the park timer thread starts");
+        .expect("the park timer thread starts")
+        .thread()
+        .clone()
 }
 
 #[cfg(test)]

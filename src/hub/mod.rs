@@ -364,6 +364,10 @@ pub struct Hub {
     origin: Instant,
     /// Entries in the deadlines after the park timer's last pass.
     deadline_total: AtomicUsize,
+    /// The park timer's thread and the tick it sleeps until (`u64::MAX` while it scans):
+    /// a deadline filed for that tick or earlier wakes it.
+    park_timer: std::sync::OnceLock<std::thread::Thread>,
+    timer_planned: AtomicU64,
     topics: Topics,
     not_live: Mutex<NotLive>,
     metrics: Arc<Metrics>,
@@ -411,6 +415,8 @@ impl Hub {
             deadlines: (0..CHANNEL_SHARDS).map(|_| Mutex::default()).collect(),
             origin: Instant::now(),
             deadline_total: AtomicUsize::new(0),
+            park_timer: std::sync::OnceLock::new(),
+            timer_planned: AtomicU64::new(u64::MAX),
             not_live: Mutex::new(NotLive::new(NOT_LIVE_CAPACITY)),
             metrics,
             next_key: AtomicU64::new(0),
@@ -421,7 +427,8 @@ impl Hub {
             moving: AtomicBool::new(false),
             changed: AtomicBool::new(true),
         });
-        deadlines::spawn_park_timer(Arc::downgrade(&hub));
+        let timer = deadlines::spawn_park_timer(Arc::downgrade(&hub));
+        let _ = hub.park_timer.set(timer);
         hub
     }
 

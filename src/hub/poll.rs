@@ -110,9 +110,9 @@ impl Hub {
         ch.waiters.push(Waiter { key, tx });
         ch.idle_deadline = None;
         // Lock order: the channel's shard (held by the caller), then its deadlines.
-        self.deadlines_of(id)
-            .lock()
-            .insert(self.tick_of(deadline), id, key);
+        let tick = self.tick_of(deadline);
+        self.deadlines_of(id).lock().insert(tick, id, key);
+        self.wake_park_timer_for(tick);
         self.count_parked(1);
         ParkedPoll {
             hub: self.clone(),

@@ -108,6 +108,33 @@ async fn an_early_answer_leaves_a_deadline_that_touches_no_later_poll() {
     assert_eq!(hub.channel_info(&id).unwrap().retries_used, 1);
 }
 
+/// A poll handed over by an upgrade near the end of its park time is re-parked with a
+/// deadline sooner than the park timer's next wake-up (it sleeps up to half a second when
+/// nothing is due): filing it wakes the timer, so the poll is answered on time, not up to
+/// half a second late (past `retry_timeout`).
+#[tokio::test]
+async fn a_deadline_sooner_than_the_timers_next_wake_is_kept() {
+    let hub = hub(Duration::from_secs(60));
+    let ids: Vec<String> = (0..10).map(|_| register(&hub, "t")).collect();
+    let mut late = Vec::new();
+    for id in &ids {
+        // At a different moment of the timer's sleep each time.
+        tokio::time::sleep(Duration::from_millis(70)).await;
+        let deadline = Instant::now() + Duration::from_millis(60);
+        let parked = match hub.repark(id, deadline) {
+            PollStart::Park(p) => p,
+            _ => panic!("parks"),
+        };
+        assert_eq!(parked.wait().await, Answer::Reconnect);
+        late.push(Instant::now().saturating_duration_since(deadline));
+    }
+    // One 50 ms tick and some scheduling; without the wake-up, up to 500 ms.
+    assert!(
+        late.iter().all(|l| *l < Duration::from_millis(200)),
+        "answered this late after their deadlines: {late:?}"
+    );
+}
+
 /// A busy node answers most of its polls long before their deadlines: their entries must
 /// not pile up for a whole park time (here 54 s of 200,000 answered polls).
 #[tokio::test]
