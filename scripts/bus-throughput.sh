@@ -94,6 +94,12 @@ done_at=$(date +%s.%N)
 for addr in "${internal[@]}"; do
     echo "node $addr: applied $(applied "$addr") publishes from the bus"
 done
+# What Redis did: calls and time per command (the readers' XREADs, the load's XADD/PUBLISH).
+redis-cli -p "$rport" info commandstats | grep -E '^cmdstat_(xadd|xread|publish):' | tr -d '\r' |
+    cut -d, -f1-3 || true
+# CPU (user + system) each process spent, start-up included, from /proc/PID/stat (fields 14, 15).
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{ sub(/.*\) /, ""); printf "%.2f", ($12 + $13) / hz }' "/proc/$1/stat"; }
+echo "CPU: redis-server $(cpu "${pids[0]}") s; nodes$(for pid in "${pids[@]:1}"; do printf ' %s s' "$(cpu "$pid")"; done)"
 python3 - "$start" "$sent" "$done_at" "$N" "$want" <<'EOF'
 import sys
 start, sent, done, n, want = map(float, sys.argv[1:])
