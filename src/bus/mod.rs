@@ -36,6 +36,7 @@ pub mod message;
 mod publisher;
 mod reader;
 mod redis_target;
+mod resp;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

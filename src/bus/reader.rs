@@ -31,7 +31,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep};
 use tracing::{debug, info, warn};
@@ -40,6 +39,7 @@ use super::backoff::Backoff;
 use super::cursor::{Resumed, StreamInfo};
 use super::entry_id::EntryId;
 use super::message::{self, Message};
+use super::resp::{Conn, Entry};
 use super::{Bus, BusError};
 use crate::metrics::gap;
 
@@ -104,10 +104,11 @@ pub(super) async fn run(bus: Arc<Bus>) {
 /// Connects, works out what the interruption cost, and sets the cursor to read on from.
 /// Returns the connection, how it resumed, and the stream's last id at that moment
 /// (entries up to it that are read now were missed: they count as replayed).
-async fn connect_and_resume(
-    bus: &Bus,
-) -> Result<(MultiplexedConnection, Resumed, EntryId), BusError> {
-    let mut conn = bus.target.connect("reader", BLOCK + STALL_GRACE).await?;
+async fn connect_and_resume(bus: &Bus) -> Result<(Conn, Resumed, EntryId), BusError> {
+    let mut conn = bus
+        .target
+        .connect_reader("reader", BLOCK + STALL_GRACE)
+        .await?;
     let stream = bus.config.stream.as_str();
     let epoch = epoch(&mut conn, stream).await?;
     let info = stream_info(&mut conn, stream).await?;
@@ -163,7 +164,7 @@ fn after_resume(bus: &Bus, resumed: Resumed) {
 /// stopped (returns `None`).
 async fn read(
     bus: &Bus,
-    mut conn: MultiplexedConnection,
+    mut conn: Conn,
     replay_until: EntryId,
     stop: &mut watch::Receiver<bool>,
 ) -> Option<String> {
@@ -180,14 +181,11 @@ async fn read(
             .arg(&bus.config.stream)
             .arg(from.to_string());
         let reply = tokio::select! {
-            r = xread.query_async::<Value>(&mut conn) => r,
+            r = conn.xread(&xread) => r,
             _ = stop.changed() => return None,
         };
         let entries = match reply {
-            Ok(value) => match entries_of(value) {
-                Ok(entries) => entries,
-                Err(e) => return Some(e),
-            },
+            Ok(entries) => entries,
             Err(e) if e.is_timeout() => {
                 bus.hub.metrics().bus_stalls_total.inc();
                 return Some(format!(
@@ -264,31 +262,22 @@ fn publish_all(bus: &Bus, publishes: &mut Vec<crate::hub::Publish>) {
 }
 
 /// The stream's epoch, set by the first node that finds none.
-async fn epoch(conn: &mut MultiplexedConnection, stream: &str) -> Result<String, BusError> {
+async fn epoch(conn: &mut Conn, stream: &str) -> Result<String, BusError> {
     let key = format!("{stream}:epoch");
     let mut fresh = [0u8; 8];
     getrandom::fill(&mut fresh).expect("the OS random source is available");
     // SET NX GET (Redis 7): sets ours if there is none, and returns what was there.
     let fresh = format!("{:016x}", u64::from_le_bytes(fresh));
-    let old: Option<String> = redis::cmd("SET")
-        .arg(&key)
-        .arg(&fresh)
-        .arg("NX")
-        .arg("GET")
-        .query_async(conn)
+    let old: Option<String> = conn
+        .query(redis::cmd("SET").arg(&key).arg(&fresh).arg("NX").arg("GET"))
         .await?;
     Ok(old.unwrap_or(fresh))
 }
 
 /// `XINFO STREAM`; `None` when there is no stream.
-async fn stream_info(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-) -> Result<Option<StreamInfo>, BusError> {
-    let reply: redis::RedisResult<Value> = redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(stream)
-        .query_async(conn)
+async fn stream_info(conn: &mut Conn, stream: &str) -> Result<Option<StreamInfo>, BusError> {
+    let reply: redis::RedisResult<Value> = conn
+        .query(redis::cmd("XINFO").arg("STREAM").arg(stream))
         .await;
     let fields = match reply {
         Ok(Value::Array(fields)) => fields,
@@ -343,16 +332,14 @@ async fn stream_info(
     Ok(Some(info))
 }
 
-async fn entry_exists(
-    conn: &mut MultiplexedConnection,
-    stream: &str,
-    id: EntryId,
-) -> Result<bool, BusError> {
-    let found: Vec<Value> = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg(id.to_string())
-        .arg(id.to_string())
-        .query_async(conn)
+async fn entry_exists(conn: &mut Conn, stream: &str, id: EntryId) -> Result<bool, BusError> {
+    let found: Vec<Value> = conn
+        .query(
+            redis::cmd("XRANGE")
+                .arg(stream)
+                .arg(id.to_string())
+                .arg(id.to_string()),
+        )
         .await?;
     Ok(!found.is_empty())
 }
@@ -363,56 +350,6 @@ fn text(value: &Value) -> Option<String> {
         Value::SimpleString(s) => Some(s.clone()),
         _ => None,
     }
-}
-
-/// One stream entry: its id and its `[field, value, …]`.
-type Entry = (EntryId, Vec<Vec<u8>>);
-
-/// The entries of an `XREAD` reply on one stream, in order.
-fn entries_of(value: Value) -> Result<Vec<Entry>, String> {
-    let bad = |what: &str| format!("unexpected XREAD reply: {what}");
-    let streams = match value {
-        Value::Nil => return Ok(Vec::new()),
-        Value::Array(streams) => streams,
-        Value::Map(pairs) => pairs
-            .into_iter()
-            .map(|(k, v)| Value::Array(vec![k, v]))
-            .collect(),
-        _ => return Err(bad("not an array")),
-    };
-    let mut out = Vec::new();
-    for stream in streams {
-        let Value::Array(mut key_and_entries) = stream else {
-            return Err(bad("a stream is not an array"));
-        };
-        let Some(Value::Array(entries)) = key_and_entries.pop() else {
-            return Err(bad("no entries"));
-        };
-        for entry in entries {
-            let Value::Array(mut parts) = entry else {
-                return Err(bad("an entry is not an array"));
-            };
-            let fields = match parts.pop() {
-                Some(Value::Array(fields)) => fields
-                    .into_iter()
-                    .map(|f| match f {
-                        Value::BulkString(b) => b,
-                        Value::SimpleString(s) => s.into_bytes(),
-                        _ => Vec::new(),
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let id = parts
-                .pop()
-                .as_ref()
-                .and_then(text)
-                .ok_or_else(|| bad("an entry without an id"))?
-                .parse::<EntryId>()?;
-            out.push((id, fields));
-        }
-    }
-    Ok(out)
 }
 
 /// Rate-limits the warning about refused entries.

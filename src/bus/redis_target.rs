@@ -11,6 +11,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
 use super::BusError;
+use super::resp::Conn;
 
 /// How long a TCP connect and the handshake may take, to Redis or to a sentinel.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -118,6 +119,65 @@ impl Target {
     }
 }
 
+impl Target {
+    /// The reader's connection to the primary ([`Conn`]: its `XREAD` replies are read
+    /// without the `redis` crate's parser), named for `role`, with the same timeouts and
+    /// the same check that a sentinel's answer is a primary as [`Target::connect`].
+    pub(super) async fn connect_reader(
+        &self,
+        role: &str,
+        response_timeout: Duration,
+    ) -> Result<Conn, BusError> {
+        let mut conn = match &self.kind {
+            Kind::Fixed(client) => {
+                Conn::open(
+                    client.get_connection_info(),
+                    CONNECT_TIMEOUT,
+                    response_timeout,
+                )
+                .await?
+            }
+            Kind::Sentinel {
+                sentinels,
+                master_name,
+                base,
+            } => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(response_timeout));
+                let mut last =
+                    BusError::NoPrimary(format!("no sentinel named a primary for {master_name:?}"));
+                let mut found = None;
+                for sentinel in sentinels {
+                    let conn = async {
+                        let (info, named) =
+                            primary_named_by(sentinel, master_name, base, &config).await?;
+                        let mut conn = Conn::open(&info, CONNECT_TIMEOUT, response_timeout).await?;
+                        let role: Vec<redis::Value> = conn.query(&redis::cmd("ROLE")).await?;
+                        check_primary(&role, sentinel, &named)?;
+                        Ok::<Conn, BusError>(conn)
+                    };
+                    match conn.await {
+                        Ok(conn) => {
+                            found = Some(conn);
+                            break;
+                        }
+                        Err(e) => last = e,
+                    }
+                }
+                found.ok_or(last)?
+            }
+        };
+        conn.query::<()>(
+            redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(format!("{}:{role}", self.name_prefix)),
+        )
+        .await?;
+        Ok(conn)
+    }
+}
+
 /// Asks each sentinel in turn where the primary is, and keeps the first answer whose
 /// server says it is a primary (a sentinel may not have seen a failover yet).
 async fn primary_via_sentinels(
@@ -142,6 +202,23 @@ async fn ask_sentinel(
     base: &ConnectionInfo,
     config: &AsyncConnectionConfig,
 ) -> Result<MultiplexedConnection, BusError> {
+    let (info, named) = primary_named_by(sentinel, master_name, base, config).await?;
+    let mut primary = Client::open(info)?
+        .get_multiplexed_async_connection_with_config(config)
+        .await?;
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut primary).await?;
+    check_primary(&role, sentinel, &named)?;
+    Ok(primary)
+}
+
+/// Where `sentinel` says the primary is: its connection info (`base`'s credentials and
+/// database) and its `host:port`.
+async fn primary_named_by(
+    sentinel: &str,
+    master_name: &str,
+    base: &ConnectionInfo,
+    config: &AsyncConnectionConfig,
+) -> Result<(ConnectionInfo, String), BusError> {
     let client = Client::open(format!("redis://{sentinel}"))?;
     let mut conn = client
         .get_multiplexed_async_connection_with_config(config)
@@ -159,14 +236,15 @@ async fn ask_sentinel(
     let info = base
         .clone()
         .set_addr(ConnectionAddr::Tcp(host.clone(), port));
-    let mut primary = Client::open(info)?
-        .get_multiplexed_async_connection_with_config(config)
-        .await?;
-    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut primary).await?;
+    Ok((info, format!("{host}:{port}")))
+}
+
+/// A `ROLE` reply that is not a primary's: the sentinel has not seen the failover yet.
+fn check_primary(role: &[redis::Value], sentinel: &str, named: &str) -> Result<(), BusError> {
     match role.first() {
-        Some(redis::Value::BulkString(r)) if r == b"master" => Ok(primary),
+        Some(redis::Value::BulkString(r)) if r == b"master" => Ok(()),
         _ => Err(BusError::NoPrimary(format!(
-            "sentinel {sentinel} names {host}:{port}, which is not a primary (yet)"
+            "sentinel {sentinel} names {named}, which is not a primary (yet)"
         ))),
     }
 }
