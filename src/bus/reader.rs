@@ -1,5 +1,6 @@
-//! The reader every node runs on the stream: one connection, `XREAD BLOCK` from the entry
-//! after the last one applied, each entry applied in order.
+//! The reader every node runs on the stream: one connection of its own
+//! ([`resp`](super::resp)), `XREAD BLOCK` from the entry after the last one applied, each
+//! entry applied in order.
 //!
 //! # What an interruption cost
 //! Whenever the reader (re)connects it asks Redis three things before reading on from its
@@ -54,8 +55,9 @@ const STALL_GRACE: Duration = Duration::from_secs(3);
 /// 4,096 rather than 512 applied 6–35 % more publishes a second in `scripts/bus-throughput.sh`
 /// (entries are ~50 bytes; a reply of 4,096 is ~200 KB).
 const READ_COUNT: usize = 4096;
-/// A read that brought at least this many entries (but not a full `READ_COUNT`) waits
-/// [`GATHER`] before the next: see [`read`].
+/// A read that brought at least this many entries (but not a full `READ_COUNT`) is
+/// followed by the next [`GATHER`] after its reply came (applying it included): see
+/// [`read`].
 const GATHER_FROM: usize = 16;
 const GATHER: Duration = Duration::from_millis(1);
 /// Refused entries are logged at most this often.
@@ -162,6 +164,13 @@ fn after_resume(bus: &Bus, resumed: Resumed) {
 
 /// Reads and applies entries until the connection is lost (returns why) or the bus is
 /// stopped (returns `None`).
+///
+/// The next read is sent, from the last id of a reply, *before* that reply is applied when
+/// it need not wait (a full reply: more are waiting; a light load: the next entry should
+/// wake at once): Redis then gathers and encodes the next entries while this node applies
+/// these. Entries are still applied one reply at a time, in order, each once: the next
+/// reply is read only after this one is applied, and a lost connection reads on from the
+/// cursor (the last entry applied).
 async fn read(
     bus: &Bus,
     mut conn: Conn,
@@ -169,21 +178,16 @@ async fn read(
     stop: &mut watch::Receiver<bool>,
 ) -> Option<String> {
     let mut complaints = Complaints::default();
+    let mut from = bus.cursor.lock().last.unwrap_or(EntryId::ZERO);
+    if let Err(e) = conn.send(&xread(bus, from)).await {
+        return Some(e.to_string());
+    }
     loop {
-        let from = bus.cursor.lock().last.unwrap_or(EntryId::ZERO);
-        let mut xread = redis::cmd("XREAD");
-        xread
-            .arg("COUNT")
-            .arg(READ_COUNT)
-            .arg("BLOCK")
-            .arg(BLOCK.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&bus.config.stream)
-            .arg(from.to_string());
         let reply = tokio::select! {
-            r = conn.xread(&xread) => r,
+            r = conn.receive_entries() => r,
             _ = stop.changed() => return None,
         };
+        let arrived = Instant::now();
         let entries = match reply {
             Ok(entries) => entries,
             Err(e) if e.is_timeout() => {
@@ -195,18 +199,41 @@ async fn read(
             }
             Err(e) => return Some(e.to_string()),
         };
-        let batch = entries.len();
-        apply_all(bus, &entries, replay_until, &mut complaints);
+        if let Some((last, _)) = entries.last() {
+            from = *last;
+        }
         // Under a heavy load, let entries gather before the next read: every `XREAD` costs
         // Redis a fixed amount, and a read per handful of entries made Redis the limit.
         // A light load (a few entries a read) is read at once, so no wake-up waits.
-        if (GATHER_FROM..READ_COUNT).contains(&batch) {
+        let gather = (GATHER_FROM..READ_COUNT).contains(&entries.len());
+        if !gather && let Err(e) = conn.send(&xread(bus, from)).await {
+            return Some(e.to_string());
+        }
+        apply_all(bus, &entries, replay_until, &mut complaints);
+        if gather {
             tokio::select! {
-                _ = sleep(GATHER) => {}
+                _ = tokio::time::sleep_until(arrived + GATHER) => {}
                 _ = stop.changed() => return None,
+            }
+            if let Err(e) = conn.send(&xread(bus, from)).await {
+                return Some(e.to_string());
             }
         }
     }
+}
+
+/// `XREAD` of the entries after `from`.
+fn xread(bus: &Bus, from: EntryId) -> redis::Cmd {
+    let mut xread = redis::cmd("XREAD");
+    xread
+        .arg("COUNT")
+        .arg(READ_COUNT)
+        .arg("BLOCK")
+        .arg(BLOCK.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(&bus.config.stream)
+        .arg(from.to_string());
+    xread
 }
 
 /// Applies a reply's entries in order, then moves the cursor past them. A run of

@@ -31,8 +31,11 @@ pub(super) struct Conn {
     io: Box<dyn Io>,
     /// Bytes read and not yet consumed; a reply is taken off its front.
     buf: Vec<u8>,
-    /// Every reply must come within this (a wedged connection is caught by it).
+    /// Every reply must come within this once it is waited for (a wedged connection is
+    /// caught by it).
     response_timeout: Duration,
+    /// A command was sent whose reply is still to be read.
+    awaiting: bool,
 }
 
 impl Conn {
@@ -65,6 +68,7 @@ impl Conn {
             io,
             buf: Vec::with_capacity(READ_CHUNK),
             response_timeout,
+            awaiting: false,
         };
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
@@ -83,36 +87,52 @@ impl Conn {
 
     /// Sends `cmd` and reads its reply; an error reply is an `Err`.
     pub(super) async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> RedisResult<T> {
-        let len = self.request(cmd).await?;
+        self.send(cmd).await?;
+        let len = self.receive().await?;
         let value = redis::parse_redis_value(&self.buf[..len]);
         self.buf.drain(..len);
         Ok(redis::from_redis_value(value?.extract_error()?)?)
     }
 
-    /// Sends an `XREAD` on one stream and reads its entries, in order (none when it timed
-    /// out in Redis).
-    pub(super) async fn xread(&mut self, cmd: &redis::Cmd) -> RedisResult<Vec<Entry>> {
-        let len = self.request(cmd).await?;
+    /// Sends a command whose reply [`Conn::receive_entries`] reads. Until then no other
+    /// command may be sent (one reply in flight at a time).
+    pub(super) async fn send(&mut self, cmd: &redis::Cmd) -> RedisResult<()> {
+        debug_assert!(!self.awaiting, "one reply in flight at a time");
+        timeout(
+            self.response_timeout,
+            self.io.write_all(&cmd.get_packed_command()),
+        )
+        .await
+        .map_err(|_| timed_out())??;
+        self.awaiting = true;
+        Ok(())
+    }
+
+    /// Reads the reply to an `XREAD` on one stream that [`Conn::send`] sent: its entries, in
+    /// order (none when it timed out in Redis).
+    pub(super) async fn receive_entries(&mut self) -> RedisResult<Vec<Entry>> {
+        let len = self.receive().await?;
         let entries = if self.buf.first() == Some(&b'-') {
             let value = redis::parse_redis_value(&self.buf[..len]);
             value?.extract_error().map(|_| Vec::new())
         } else {
             entries_of(&self.buf[..len]).map_err(|what| {
-                redis::RedisError::from(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("unexpected XREAD reply: {what}"),
-                ))
+                redis::RedisError::from(bad_data(&format!("unexpected XREAD reply: {what}")))
             })
         };
         self.buf.drain(..len);
         entries
     }
 
-    /// Writes `cmd`, then reads until the buffer holds its whole reply; returns its length.
-    async fn request(&mut self, cmd: &redis::Cmd) -> RedisResult<usize> {
+    /// Reads until the buffer holds the whole reply to what was sent last; returns its
+    /// length. The reply is due `response_timeout` after this starts waiting (not after the
+    /// command was sent: the reader may have spent a while applying the reply before).
+    async fn receive(&mut self) -> RedisResult<usize> {
+        if !std::mem::take(&mut self.awaiting) {
+            return Err(bad_data("a reply read before a command was sent").into());
+        }
         let mut framer = Framer::default();
         let read = async {
-            self.io.write_all(&cmd.get_packed_command()).await?;
             loop {
                 if let Some(len) = framer.advance(&self.buf)? {
                     return Ok(len);
