@@ -167,7 +167,7 @@ pub fn breakdown(rows: &[Row], polls: usize) -> Option<String> {
     if let (Some(xadd), Some(r)) = (p(Setup::BusViaXadd), redis) {
         lines.push(format!(
             "node B's reader: bench XADD → wake {xadd:.3} ms, {:.3} ms above Redis alone \
-             (the redis crate's reply path, applying the entry, the answer out)",
+             (the reader's reply path, applying the entry, the answer out)",
             xadd - r
         ));
     }
