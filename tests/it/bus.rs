@@ -731,6 +731,58 @@ async fn the_nodes_trim_the_stream_by_age_and_by_length() {
     .await;
 }
 
+/// The reader has a connection of its own (not the `redis` crate's): it authenticates and
+/// selects the URL's database as the crate does, over TCP and over a Unix socket.
+#[tokio::test]
+async fn the_reader_uses_the_urls_password_and_database_over_tcp_and_a_unix_socket() {
+    let server = RedisServer::on("redis-server", free_port());
+    let socket = server.dir().join("redis.sock");
+    let mut server = server.with_args(&["--unixsocket", socket.to_str().unwrap()]);
+    assert!(server.launch().await.unwrap_or_else(|e| panic!("{e}")));
+    // Set after the start: the kit's readiness check is a PING without a password.
+    let open = redis::Client::open(server.url()).unwrap();
+    let mut conn = open.get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("secret")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let tcp = format!("redis://:secret@127.0.0.1:{}/3", server.port());
+    let unix = format!("unix://{}?db=3&pass=secret", socket.display());
+    let a = TestServer::with_redis(&tcp).await;
+    let b = TestServer::with_redis(&unix).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    let client = redis::Client::open(tcp.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg("nudge:publish")
+        .arg("*")
+        .arg("m")
+        .arg(r#"{"topic":"t"}"#)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    wait_bus_publishes(&a, 1.0).await;
+    wait_bus_publishes(&b, 1.0).await;
+    // Database 3 it is: database 0 has no stream.
+    let open = redis::Client::open(format!("redis://:secret@127.0.0.1:{}/0", server.port()));
+    let mut conn = open
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let len: i64 = redis::cmd("XLEN")
+        .arg("nudge:publish")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 0);
+}
+
 #[tokio::test]
 async fn the_readers_and_writers_are_named_in_client_list() {
     let redis = Redis::start().await;
