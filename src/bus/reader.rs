@@ -51,9 +51,10 @@ const BLOCK: Duration = Duration::from_secs(2);
 /// A reply later than `BLOCK` plus this means the connection is wedged: noticed within
 /// 5 s, well inside the 10 s an operator is promised.
 const STALL_GRACE: Duration = Duration::from_secs(3);
-/// Entries one read takes at most. Large, because each `XREAD` costs Redis a fixed ~0.1 ms:
-/// 4,096 rather than 512 applied 6–35 % more publishes a second in `scripts/bus-throughput.sh`
-/// (entries are ~50 bytes; a reply of 4,096 is ~200 KB).
+/// Entries one read takes at most: 4,096 rather than 512 applied 6–35 % more publishes a
+/// second in `scripts/bus-throughput.sh` (entries are ~50 bytes; a reply of 4,096 is
+/// ~200 KB). Under that load a read brings ~2,500 (`INFO commandstats`): Redis's cost is
+/// per entry then, not per read.
 const READ_COUNT: usize = 4096;
 /// A read that brought at least this many entries (but not a full `READ_COUNT`) is
 /// followed by the next [`GATHER`] after its reply came (applying it included): see
@@ -202,9 +203,9 @@ async fn read(
         if let Some((last, _)) = entries.last() {
             from = *last;
         }
-        // Under a heavy load, let entries gather before the next read: every `XREAD` costs
-        // Redis a fixed amount, and a read per handful of entries made Redis the limit.
-        // A light load (a few entries a read) is read at once, so no wake-up waits.
+        // Under a heavy load, let entries gather before the next read: a read per handful
+        // of entries made Redis the limit once. A light load (a few entries a read) is
+        // read at once, so no wake-up waits.
         let gather = (GATHER_FROM..READ_COUNT).contains(&entries.len());
         if !gather && let Err(e) = conn.send(&xread(bus, from)).await {
             return Some(e.to_string());
