@@ -25,6 +25,12 @@ pub(super) type Entry = (EntryId, Vec<Vec<u8>>);
 /// node spent 0.09–0.13 s of CPU on 300,000 entries (`scripts/bus-throughput.sh`).
 const READ_CHUNK: usize = 64 * 1024;
 
+/// The longest string Redis sends (its default `proto-max-bulk-len`, 512 MB).
+const MAX_BULK: usize = 512 * 1024 * 1024;
+
+/// Entries a reply is expected to hold at most (the reader's `COUNT`), for sizing.
+const READ_COUNT_HINT: usize = 4096;
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
@@ -183,7 +189,13 @@ impl Framer {
                 b'+' | b'-' | b':' => self.pos = body,
                 b'$' if n < 0 => self.pos = body,
                 b'$' => {
-                    let end = body + n as usize + 2;
+                    // A length no reply can have (over Redis's own `proto-max-bulk-len`) is
+                    // bad data: never a wait for bytes that will not come, nor a wrap-around.
+                    let end = usize::try_from(n)
+                        .ok()
+                        .filter(|&n| n <= MAX_BULK)
+                        .and_then(|n| body.checked_add(n)?.checked_add(2))
+                        .ok_or_else(|| bad_data("a bad length"))?;
                     if buf.len() < end {
                         return Ok(None);
                     }
@@ -253,7 +265,8 @@ fn entries_of(reply: &[u8]) -> Result<Vec<Entry>, &'static str> {
     }
     r.bulk()?;
     let count = r.array()?.ok_or("no entries")?;
-    let mut out = Vec::with_capacity(count);
+    // Sized by what was asked for, not by what the reply claims.
+    let mut out = Vec::with_capacity(count.min(READ_COUNT_HINT));
     for _ in 0..count {
         if r.array()? != Some(2) {
             return Err("an entry is not [id, fields]");
@@ -264,7 +277,7 @@ fn entries_of(reply: &[u8]) -> Result<Vec<Entry>, &'static str> {
             .map_err(|_| "an id that is not <ms>-<seq>")?;
         // A deleted entry may come back without fields (`*-1`).
         let n = r.array()?.unwrap_or(0);
-        let mut fields = Vec::with_capacity(n);
+        let mut fields = Vec::with_capacity(n.min(2));
         for _ in 0..n {
             fields.push(r.bulk()?.unwrap_or_default().to_vec());
         }
@@ -301,11 +314,9 @@ impl<'a> Reader<'a> {
         let Ok(n) = usize::try_from(self.line(b'$')?) else {
             return Ok(None);
         };
-        let bytes = self
-            .buf
-            .get(self.pos..self.pos + n)
-            .ok_or("a short string")?;
-        self.pos += n + 2;
+        let end = self.pos.checked_add(n).ok_or("a short string")?;
+        let bytes = self.buf.get(self.pos..end).ok_or("a short string")?;
+        self.pos = end + 2;
         Ok(Some(bytes))
     }
 }
@@ -342,6 +353,14 @@ mod tests {
             assert_eq!(whole(simple), Some(simple.len()));
         }
         assert!(Framer::default().advance(b"%1\r\n").is_err());
+        // Lengths no reply can have are refused, not wrapped around.
+        for huge in [
+            &b"$9223372036854775807\r\nx\r\n"[..],
+            b"$18446744073709551615\r\n",
+            b"*1\r\n$9223372036854775807\r\n",
+        ] {
+            assert!(Framer::default().advance(huge).is_err(), "{huge:?}");
+        }
     }
 
     #[test]
@@ -358,5 +377,7 @@ mod tests {
         assert_eq!(entries_of(b"*-1\r\n").unwrap(), vec![]);
         assert!(entries_of(b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$1\r\nx\r\n*0\r\n").is_err());
         assert!(entries_of(b":1\r\n").is_err());
+        // A count it cannot hold does not size anything by itself.
+        assert!(entries_of(b"*1\r\n*2\r\n$1\r\ns\r\n*4611686018427387903\r\n").is_err());
     }
 }
