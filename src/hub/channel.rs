@@ -154,8 +154,17 @@ impl Channel {
 
     /// Removes the waiter with `key`, if it is still here.
     pub fn take_waiter(&mut self, key: u64) -> Option<Waiter> {
-        let at = self.waiters.iter().position(|w| w.key == key)?;
+        let at = self.waiter_at(key)?;
         Some(self.waiters.swap_remove(at))
+    }
+
+    /// Whether the waiter with `key` is still here.
+    pub fn has_waiter(&self, key: u64) -> bool {
+        self.waiter_at(key).is_some()
+    }
+
+    fn waiter_at(&self, key: u64) -> Option<usize> {
+        self.waiters.iter().position(|w| w.key == key)
     }
 }
 

@@ -83,13 +83,8 @@ impl Deadlines {
 
     /// Drops the entries whose poll is no longer parked.
     pub fn compact(&mut self, shard: &ChannelShard) {
-        let parked = |id: &ChannelId, key: u64| {
-            shard
-                .get(id)
-                .is_some_and(|ch| ch.waiters.iter().any(|w| w.key == key))
-        };
         self.due.retain(|_, list| {
-            list.retain(|(id, key)| parked(id, *key));
+            list.retain(|(id, key)| shard.get(id).is_some_and(|ch| ch.has_waiter(*key)));
             list.shrink_to_fit();
             !list.is_empty()
         });
@@ -122,16 +117,15 @@ impl Hub {
         }
     }
 
-    /// Answers `reconnect` to every parked poll whose deadline has passed by `now`, counted
-    /// against its channel's budget. Returns how many it answered.
-    pub fn expire_parked(&self, now: Instant) -> usize {
-        self.expire_due(now).0
+    /// The last tick that has begun by `at` (its entries are due).
+    fn tick_reached(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_nanos() as u64 / TICK_NANOS
     }
 
-    /// [`Hub::expire_parked`], and when the next entry is due, if any.
-    fn expire_due(&self, now: Instant) -> (usize, Option<Instant>) {
-        let tick = now.saturating_duration_since(self.origin).as_nanos() as u64 / TICK_NANOS;
-        let mut answered = 0;
+    /// Answers `reconnect` to every parked poll whose deadline has passed by `now`, counted
+    /// against its channel's budget. Returns when the next entry is due, if any.
+    fn expire_due(&self, now: Instant) -> Option<Instant> {
+        let tick = self.tick_reached(now);
         let mut next: Option<u64> = None;
         // Entries as the last pass left them, less the parked polls: the stale ones (those
         // filed since are parked polls too, and not counted on either side).
@@ -171,15 +165,13 @@ impl Hub {
             }
             self.note_change();
             self.count_parked(-(expired.len() as i64));
-            answered += expired.len();
             // A poll whose client left meanwhile finds its waiter taken and drops this.
             for tx in expired {
                 let _ = tx.send(super::Answer::Reconnect.into());
             }
         }
         self.deadline_total.store(total, Ordering::Relaxed);
-        let next = next.map(|tick| self.origin + Duration::from_nanos(TICK_NANOS * tick));
-        (answered, next)
+        next.map(|tick| self.origin + Duration::from_nanos(TICK_NANOS * tick))
     }
 
     /// Entries in the park deadlines, stale ones included (for tests and the benchmark).
@@ -188,11 +180,12 @@ impl Hub {
     }
 }
 
-/// Runs [`Hub::expire_parked`] on a thread of its own for as long as the hub lives, when
-/// the next entry is due (or a sooner one is filed) and at least every [`MAX_SLEEP`]. Not a tokio task: a hub is also
-/// built outside a runtime (benchmarks, tests), and expiring is short work under shard
-/// locks, never an `.await`. It keeps real time: under tokio's paused test clock a parked
-/// poll is answered `reconnect` when real time reaches its deadline, not paused time.
+/// Runs [`Hub::expire_due`] on a thread of its own for as long as the hub lives, when the
+/// next entry is due (or a sooner one is filed) and at least every [`MAX_SLEEP`]. Not a
+/// tokio task: a hub is also built outside a runtime (benchmarks, tests), and expiring is
+/// short work under shard locks, never an `.await`. It keeps real time: under tokio's
+/// paused test clock a parked poll is answered `reconnect` when real time reaches its
+/// deadline, not paused time.
 pub(super) fn spawn_park_timer(hub: Weak<Hub>) -> std::thread::Thread {
     std::thread::Builder::new()
         .name("nudge-park-timer".into())
@@ -204,12 +197,11 @@ pub(super) fn spawn_park_timer(hub: Weak<Hub>) -> std::thread::Thread {
                 let Some(hub) = hub.upgrade() else { break };
                 hub.timer_planned.store(u64::MAX, Ordering::Release);
                 let now = Instant::now();
-                let (_, next) = hub.expire_due(now);
+                let next = hub.expire_due(now);
                 let latest = now + MAX_SLEEP;
                 wake = next.map_or(latest, |next| next.min(latest));
-                let planned = wake.saturating_duration_since(hub.origin).as_nanos() as u64;
                 hub.timer_planned
-                    .store(planned / TICK_NANOS, Ordering::Release);
+                    .store(hub.tick_reached(wake), Ordering::Release);
             }
         })
         .expect("the park timer thread starts")

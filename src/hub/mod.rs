@@ -15,12 +15,12 @@
 //!
 //! # No lost wake-up
 //! A parked poll is a `Waiter` (`channel.rs`) in its channel's list. Whoever removes a
-//! waiter from the list answers it: a publish (`new_change`), its deadline
-//! (`reconnect`, from the park timer in `deadlines.rs`), a revoke or a delete (`max_retries`), the drain (`reconnect`). A publish
-//! that finds no waiter sets the channel's pending mark under the same lock a poll checks it
-//! under. If a `new_change` is sent to a poll whose client has gone, either the sender sees
-//! the failure or the poll's guard finds the undelivered answer; whichever it is puts the
-//! pending mark back.
+//! waiter from the list answers it: a publish (`new_change`), the park timer at its
+//! deadline (`reconnect`, `deadlines.rs`), a revoke or a delete (`max_retries`), the drain
+//! (`reconnect`). A publish that finds no waiter sets the channel's pending mark under the
+//! same lock a poll checks it under. If a `new_change` is sent to a poll whose client has
+//! gone, either the sender sees the failure or the poll's guard finds the undelivered
+//! answer; whichever it is puts the pending mark back.
 
 mod channel;
 mod deadlines;
