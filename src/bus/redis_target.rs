@@ -95,9 +95,7 @@ impl Target {
         role: &str,
         response_timeout: Duration,
     ) -> Result<MultiplexedConnection, BusError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(response_timeout));
+        let config = config(response_timeout);
         let mut conn = match &self.kind {
             Kind::Fixed(client) => {
                 client
@@ -108,18 +106,25 @@ impl Target {
                 sentinels,
                 master_name,
                 base,
-            } => primary_via_sentinels(sentinels, master_name, base, &config).await?,
+            } => {
+                via_sentinels(sentinels, master_name, |sentinel| async {
+                    let (info, named) =
+                        primary_named_by(sentinel, master_name, base, &config).await?;
+                    let mut primary = Client::open(info)?
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    let role: Vec<redis::Value> =
+                        redis::cmd("ROLE").query_async(&mut primary).await?;
+                    check_primary(&role, sentinel, &named)?;
+                    Ok(primary)
+                })
+                .await?
+            }
         };
-        redis::cmd("CLIENT")
-            .arg("SETNAME")
-            .arg(format!("{}:{role}", self.name_prefix))
-            .query_async::<()>(&mut conn)
-            .await?;
+        self.name_command(role).query_async::<()>(&mut conn).await?;
         Ok(conn)
     }
-}
 
-impl Target {
     /// The reader's connection to the primary ([`Conn`]: its `XREAD` replies are read
     /// without the `redis` crate's parser), named for `role`, with the same timeouts and
     /// the same check that a sentinel's answer is a primary as [`Target::connect`].
@@ -142,73 +147,59 @@ impl Target {
                 master_name,
                 base,
             } => {
-                let config = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(response_timeout));
-                let mut last =
-                    BusError::NoPrimary(format!("no sentinel named a primary for {master_name:?}"));
-                let mut found = None;
-                for sentinel in sentinels {
-                    let conn = async {
-                        let (info, named) =
-                            primary_named_by(sentinel, master_name, base, &config).await?;
-                        let mut conn = Conn::open(&info, CONNECT_TIMEOUT, response_timeout).await?;
-                        let role: Vec<redis::Value> = conn.query(&redis::cmd("ROLE")).await?;
-                        check_primary(&role, sentinel, &named)?;
-                        Ok::<Conn, BusError>(conn)
-                    };
-                    match conn.await {
-                        Ok(conn) => {
-                            found = Some(conn);
-                            break;
-                        }
-                        Err(e) => last = e,
-                    }
-                }
-                found.ok_or(last)?
+                let config = config(response_timeout);
+                via_sentinels(sentinels, master_name, |sentinel| async {
+                    let (info, named) =
+                        primary_named_by(sentinel, master_name, base, &config).await?;
+                    let mut primary = Conn::open(&info, CONNECT_TIMEOUT, response_timeout).await?;
+                    let role: Vec<redis::Value> = primary.query(&redis::cmd("ROLE")).await?;
+                    check_primary(&role, sentinel, &named)?;
+                    Ok(primary)
+                })
+                .await?
             }
         };
-        conn.query::<()>(
-            redis::cmd("CLIENT")
-                .arg("SETNAME")
-                .arg(format!("{}:{role}", self.name_prefix)),
-        )
-        .await?;
+        conn.query::<()>(&self.name_command(role)).await?;
         Ok(conn)
+    }
+
+    /// `CLIENT SETNAME` for a connection of `role`, so that operators can tell this node's
+    /// connections apart in `CLIENT LIST`.
+    fn name_command(&self, role: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("CLIENT");
+        cmd.arg("SETNAME")
+            .arg(format!("{}:{role}", self.name_prefix));
+        cmd
     }
 }
 
-/// Asks each sentinel in turn where the primary is, and keeps the first answer whose
-/// server says it is a primary (a sentinel may not have seen a failover yet).
-async fn primary_via_sentinels(
-    sentinels: &[String],
+/// The connection settings of every connection to Redis or a sentinel.
+fn config(response_timeout: Duration) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(response_timeout))
+}
+
+/// Asks each sentinel in turn (`open`: where is the primary, and connect to it), and keeps
+/// the first connection whose server says it is a primary (a sentinel may not have seen a
+/// failover yet); the last refusal otherwise.
+async fn via_sentinels<'a, C, Open, Opened>(
+    sentinels: &'a [String],
     master_name: &str,
-    base: &ConnectionInfo,
-    config: &AsyncConnectionConfig,
-) -> Result<MultiplexedConnection, BusError> {
+    mut open: Open,
+) -> Result<C, BusError>
+where
+    Open: FnMut(&'a str) -> Opened,
+    Opened: Future<Output = Result<C, BusError>>,
+{
     let mut last = BusError::NoPrimary(format!("no sentinel named a primary for {master_name:?}"));
     for sentinel in sentinels {
-        match ask_sentinel(sentinel, master_name, base, config).await {
+        match open(sentinel).await {
             Ok(conn) => return Ok(conn),
             Err(e) => last = e,
         }
     }
     Err(last)
-}
-
-async fn ask_sentinel(
-    sentinel: &str,
-    master_name: &str,
-    base: &ConnectionInfo,
-    config: &AsyncConnectionConfig,
-) -> Result<MultiplexedConnection, BusError> {
-    let (info, named) = primary_named_by(sentinel, master_name, base, config).await?;
-    let mut primary = Client::open(info)?
-        .get_multiplexed_async_connection_with_config(config)
-        .await?;
-    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut primary).await?;
-    check_primary(&role, sentinel, &named)?;
-    Ok(primary)
 }
 
 /// Where `sentinel` says the primary is: its connection info (`base`'s credentials and
