@@ -54,20 +54,10 @@ impl Hub {
                 .map_or(node.max_retries, |m| m.min(node.max_retries)),
         };
 
-        // Reserve the channel's place first: concurrent registrations never pass the cap.
-        if self
-            .live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.caps.max_channels).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return Err(self.refuse("channels", self.caps.max_channels));
-        }
         let id = ChannelId::random();
-        let Some(names) = self.bind_topics(&topics, id) else {
-            self.live.fetch_sub(1, Ordering::AcqRel);
-            return Err(self.refuse("topic bytes", self.caps.max_topic_bytes));
+        let names = match self.admit(&topics, id) {
+            Ok(names) => names,
+            Err(cap) => return Err(self.refuse(cap.name(), cap.limit(&self.caps))),
         };
         let channel = Channel::new(
             names,
@@ -209,14 +199,25 @@ impl Hub {
         self.set_topic_gauges();
     }
 
-    /// Binds channel `id` to `topics`, unless that brings new bytes of names past
-    /// `--max-topic-bytes`: then nothing is bound. Names already bound by other channels
-    /// cost nothing more. For a registration and for a channel restored from a snapshot.
-    pub(super) fn bind_topics<T: AsRef<str>>(
+    /// Takes a place for channel `id` among the live ones and binds it to `topics`, within
+    /// the node's caps, or takes nothing and names the cap it would pass: `--max-channels`
+    /// (the place is reserved first, so concurrent registrations never pass it), or
+    /// `--max-topic-bytes` (names already bound by other channels cost nothing more). For a
+    /// registration and for a channel restored from a snapshot.
+    pub(super) fn admit<T: AsRef<str>>(
         &self,
         topics: &[T],
         id: ChannelId,
-    ) -> Option<Arc<[Arc<str>]>> {
+    ) -> Result<Arc<[Arc<str>]>, Cap> {
+        if self
+            .live
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.caps.max_channels).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(Cap::Channels);
+        }
         let mut added = 0;
         let names: Arc<[Arc<str>]> = topics
             .iter()
@@ -231,9 +232,10 @@ impl Hub {
             for t in names.iter() {
                 self.topics.detach(t, id, now);
             }
-            return None;
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            return Err(Cap::TopicBytes);
         }
-        Some(names)
+        Ok(names)
     }
 
     /// Removes expired channels, old positions and old not-live ids. Returns the number of
@@ -298,6 +300,30 @@ impl Drop for Sweeper {
         drop(self.stop.take());
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+        }
+    }
+}
+
+/// The cap a channel would pass ([`Hub::admit`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Cap {
+    Channels,
+    TopicBytes,
+}
+
+impl Cap {
+    /// As the error body says it.
+    fn name(self) -> &'static str {
+        match self {
+            Cap::Channels => "channels",
+            Cap::TopicBytes => "topic bytes",
+        }
+    }
+
+    fn limit(self, caps: &super::Caps) -> usize {
+        match self {
+            Cap::Channels => caps.max_channels,
+            Cap::TopicBytes => caps.max_topic_bytes,
         }
     }
 }

@@ -6,7 +6,6 @@
 //! Times are wall-clock (milliseconds since the UNIX epoch), since a monotonic `Instant`
 //! means nothing in another process. The encoding lives in `wire::snapshot`.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -152,15 +151,6 @@ impl Hub {
         if self.shard(id).lock().contains_key(&id) {
             return false;
         }
-        if self
-            .live
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.caps.max_channels).then_some(n + 1)
-            })
-            .is_err()
-        {
-            return false;
-        }
         let node = self.config.limits;
         let limits = Limits {
             ttl: c.ttl.min(node.ttl).max(Duration::from_secs(1)),
@@ -170,10 +160,9 @@ impl Hub {
                 .max(Duration::from_secs(1)),
             max_retries: c.max_retries.min(node.max_retries),
         };
-        // Within `--max-topic-bytes` as a registration is: a node restarted with a lower
-        // cap restores what fits.
-        let Some(topics) = self.bind_topics(&c.topics, id) else {
-            self.live.fetch_sub(1, Ordering::AcqRel);
+        // Within the caps as a registration is: a node restarted with lower ones restores
+        // what fits.
+        let Ok(topics) = self.admit(&c.topics, id) else {
             return false;
         };
         let mut pending = Pending::from_parts(c.pending);
