@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::bus::Bus;
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::http::conn::{http1_builder, serve};
+use crate::http::conn::{Between, Handoff, http1_builder, serve, serve_movable};
 use crate::http::fast::{FastPath, Moved};
 use crate::http::internal::{self, InternalState};
 use crate::http::subscribe::{self, Cors, PublicState};
@@ -39,7 +39,7 @@ use crate::listen::{accept_loop, bind, default_max_parked};
 use crate::metrics::Metrics;
 use crate::signal::Upgrades;
 use crate::state_dir::StateDir;
-use crate::upgrade::{Outgoing, Received, Role, Upgrade, raw};
+use crate::upgrade::{Outgoing, Received, Role, Upgrade, WireConn, raw};
 
 pub use crate::listen::{StartError, raise_open_files_limit};
 
@@ -58,8 +58,10 @@ pub struct Server {
     bus: Option<Arc<Bus>>,
     public_state: Arc<PublicState>,
     internal_state: Arc<InternalState>,
-    /// Connections handed over by the process this one took over from.
+    /// Connections handed over by the process this one took over from: the fast path's,
+    /// and the internal API's.
     adopted: Vec<Moved>,
+    adopted_internal: Vec<Between>,
     /// `SIGUSR2`, when this node upgrades in place (`main` installs it).
     upgrades: Option<Upgrades>,
 }
@@ -111,7 +113,7 @@ impl Server {
             .map(|bus| Bus::new(bus, hub.clone()))
             .transpose()
             .map_err(StartError::Config)?;
-        let mut adopted = Vec::new();
+        let (mut adopted, mut adopted_internal) = (Vec::new(), Vec::new());
         let (public, internal) = match received {
             None => {
                 if let Some(dir) = &config.state_dir {
@@ -123,6 +125,7 @@ impl Server {
                 let inherited = crate::upgrade::restore(received, &hub, bus.as_deref())
                     .map_err(StartError::Config)?;
                 adopted = inherited.conns;
+                adopted_internal = inherited.internal_conns;
                 (inherited.public, inherited.internal)
             }
         };
@@ -163,6 +166,7 @@ impl Server {
             public_state,
             internal_state,
             adopted,
+            adopted_internal,
             upgrades: None,
         })
     }
@@ -207,6 +211,7 @@ impl Server {
             public_state,
             internal_state,
             adopted,
+            adopted_internal,
             mut upgrades,
         } = self;
         let sweeper = hub.spawn_sweeper(SWEEP_EVERY);
@@ -254,11 +259,20 @@ impl Server {
             fast,
             builder,
             public_state,
-            internal_state,
+            internal_api: Arc::new(InternalApi {
+                builder: http1_builder(config.header_read_timeout),
+                state: internal_state,
+                handoff: Handoff::default(),
+            }),
             public_conns,
             header_read_timeout: config.header_read_timeout,
         };
         let mut round = acceptor.start();
+        for between in adopted_internal {
+            acceptor
+                .internal_api
+                .spawn(between, round.internal_conns.watcher());
+        }
         crate::upgrade::notify_systemd("READY=1");
         tokio::pin!(shutdown);
         loop {
@@ -304,7 +318,11 @@ impl Server {
                     info!("handed over to the new process; exiting");
                     return Ok(());
                 }
-                Upgraded::No(why, kept) => {
+                Upgraded::No {
+                    why,
+                    round: kept,
+                    internal,
+                } => {
                     hub.metrics()
                         .upgrades_total
                         .with_label_values(&["abandoned"])
@@ -320,6 +338,11 @@ impl Server {
                             acceptor.start()
                         }
                     };
+                    for between in internal {
+                        acceptor
+                            .internal_api
+                            .spawn(between, round.internal_conns.watcher());
+                    }
                 }
             }
         }
@@ -387,7 +410,7 @@ struct Acceptor {
     fast: Option<Arc<FastPath>>,
     builder: hyper::server::conn::http1::Builder,
     public_state: Arc<PublicState>,
-    internal_state: Arc<InternalState>,
+    internal_api: Arc<InternalApi>,
     public_conns: Arc<Drain>,
     header_read_timeout: Duration,
 }
@@ -472,27 +495,22 @@ impl Acceptor {
             )
         };
         let internal_task = {
-            let conns = internal_conns.clone();
-            let (builder, internal_state) = (self.builder.clone(), self.internal_state.clone());
+            let (conns, api) = (internal_conns.clone(), self.internal_api.clone());
             accept_loop(
                 self.internal.clone(),
                 internal_accept.watcher(),
                 move |stream| {
-                    let state = internal_state.clone();
-                    let drain = conns.watcher();
-                    let builder = builder.clone();
-                    tokio::spawn(async move {
-                        let service = service_fn(move |req: Request<Incoming>| {
-                            let state = state.clone();
-                            async move { Ok::<_, Infallible>(internal::handle(req, &state).await) }
-                        });
-                        serve(&builder, TokioIo::new(stream), service, drain).await;
-                    });
+                    let between = Between {
+                        stream,
+                        read_ahead: Vec::new(),
+                    };
+                    api.spawn(between, conns.watcher());
                 },
             )
         };
         // Listening on both: ready (until the drain begins).
-        self.internal_state
+        self.internal_api
+            .state
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
         Round {
@@ -505,13 +523,54 @@ impl Acceptor {
     }
 }
 
+/// The internal API's connections: accepted or handed over, served by hyper, and handed
+/// on between requests at an upgrade ([`Handoff`]).
+struct InternalApi {
+    builder: hyper::server::conn::http1::Builder,
+    state: Arc<InternalState>,
+    handoff: Handoff,
+}
+
+impl InternalApi {
+    fn spawn(self: &Arc<Self>, between: Between, drain: crate::drain::Watcher) {
+        let api = self.clone();
+        tokio::spawn(async move {
+            // No client watch: nothing parks here; the prefix is what was read ahead.
+            let (io, _) = Watched::new(between.stream, between.read_ahead);
+            let state = api.state.clone();
+            // Boxed: hyper hands a connection back (`into_parts`) only with an `Unpin` future.
+            let service = service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                Box::pin(async move { Ok::<_, Infallible>(internal::handle(req, &state).await) })
+            });
+            serve_movable(&api.builder, io, service, drain, &api.handoff).await;
+        });
+    }
+}
+
 /// How an upgrade in place ended.
 enum Upgraded {
     /// The new process serves; this one answers what could not move and exits.
     HandedOver,
-    /// This process goes on serving: why, and the accept round if it was never stopped
-    /// (`None`: accepting, the connections and the bus must start again).
-    No(String, Option<Round>),
+    /// This process goes on serving.
+    No {
+        why: String,
+        /// The accept round if it was never stopped (`None`: accepting, the connections
+        /// and the bus must start again).
+        round: Option<Round>,
+        /// Internal connections taken off hyper for the handover, to serve again.
+        internal: Vec<Between>,
+    },
+}
+
+impl Upgraded {
+    fn no(why: impl Into<String>, round: Option<Round>) -> Upgraded {
+        Upgraded::No {
+            why: why.into(),
+            round,
+            internal: Vec::new(),
+        }
+    }
 }
 
 /// How long the fast path's connections get to report for the move (an answer being
@@ -529,24 +588,34 @@ async fn upgrade_in_place(
 ) -> Upgraded {
     let mut upgrade = match Upgrade::spawn(config.upgrade_timeout) {
         Ok(u) => u,
-        Err(why) => return Upgraded::No(why, Some(round)),
+        Err(why) => return Upgraded::no(why, Some(round)),
     };
     // Serving as usual until the new process has read its flags and connected.
     if let Err(why) = upgrade.hello().await {
         upgrade.abandon().await;
-        return Upgraded::No(why, Some(round));
+        return Upgraded::no(why, Some(round));
     }
     let started = tokio::time::Instant::now();
     round.stop_accepting().await;
     // Every publish is applied by exactly one process: the internal requests in flight
-    // finish here before the snapshot; the ones after wait in the backlog for the new one.
+    // finish here before the snapshot; the ones after wait in the backlog, or on their
+    // connection, for the new one.
+    let handoff = &acceptor.internal_api.handoff;
+    let mut between = upgrade.takes_internal().then(|| handoff.begin());
     round.internal_conns.signal();
-    if tokio::time::timeout(CLOSE_GRACE, round.internal_conns.all_gone())
-        .await
-        .is_err()
-    {
+    let finished = tokio::time::timeout(CLOSE_GRACE, round.internal_conns.all_gone()).await;
+    handoff.end();
+    let mut internal = Vec::new();
+    while let Some(Ok(conn)) = between.as_mut().map(|rx| rx.try_recv()) {
+        internal.push(conn);
+    }
+    if finished.is_err() {
         upgrade.abandon().await;
-        return Upgraded::No("internal requests still in flight".into(), None);
+        return Upgraded::No {
+            why: "internal requests still in flight".into(),
+            round: None,
+            internal,
+        };
     }
     // The bus reader stops after the entry it is applying; the new one reads on from here
     // (its position before the snapshot, as docs/design.md's ordering rule asks).
@@ -582,11 +651,15 @@ async fn upgrade_in_place(
         conns: collected
             .iter()
             .map(|m| (raw(&m.stream), crate::upgrade::to_wire(&m.state)))
+            .chain(internal.iter().map(|b| {
+                let read_ahead = b.read_ahead.clone();
+                (raw(&b.stream), WireConn::Internal { read_ahead })
+            }))
             .collect(),
         bus_position: bus_position.clone(),
         hub: crate::upgrade::snapshot(hub),
     };
-    let moved = collected.len();
+    let moved = collected.len() + internal.len();
     match upgrade.hand_over(out).await {
         Ok(()) => {
             if let Some(pid) = upgrade.pid() {
@@ -614,7 +687,11 @@ async fn upgrade_in_place(
                 }
             }
             // The bus reader's cursor is where it stopped: `Bus::restart` reads on from it.
-            Upgraded::No(why, None)
+            Upgraded::No {
+                why,
+                round: None,
+                internal,
+            }
         }
     }
 }

@@ -1,8 +1,12 @@
 //! hyper's HTTP/1.1 connection, as both listeners and the fast path's hand-off use it: the
 //! builder with nudge's limits, and serving one connection until it ends or the drain asks
-//! it to close.
+//! it to close, or (an internal connection, at an upgrade) hands it on between requests.
 
 use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use hyper::Request;
 use hyper::body::Incoming;
@@ -12,6 +16,7 @@ use hyper_util::rt::TokioTimer;
 use tracing::debug;
 
 use crate::drain::Watcher;
+use crate::http::watched::Watched;
 
 /// Largest request head (line + headers) hyper buffers; past it hyper answers 431. The fast
 /// path hands larger heads to hyper, so both answer them alike.
@@ -53,4 +58,89 @@ where
             let _ = conn.await;
         }
     }
+}
+
+/// A hyper connection taken off hyper between requests: the socket and the bytes hyper had
+/// already read of the next request (a head that had begun to arrive), to be read first by
+/// whoever serves it next.
+pub struct Between {
+    /// The client's connection.
+    pub stream: TcpStream,
+    /// Read, not yet parsed.
+    pub read_ahead: Vec<u8>,
+}
+
+/// Where [`serve_movable`] connections go, instead of being closed, while an upgrade
+/// collects them.
+///
+/// Closing a connection that has no request in flight is racy whatever the server does: a
+/// keep-alive client may be sending its next request at that moment, and a new connection
+/// may have been accepted before its request arrived (hyper closes such a connection at
+/// once on a graceful shutdown). The client sees the connection closed without an answer
+/// and cannot know whether its `POST` was applied. Handed to the new process instead, the
+/// connection is simply answered by it.
+#[derive(Default)]
+pub struct Handoff {
+    collect: Mutex<Option<mpsc::UnboundedSender<Between>>>,
+}
+
+impl Handoff {
+    /// Opens the collection: from now on a drained connection comes to the receiver.
+    pub fn begin(&self) -> mpsc::UnboundedReceiver<Between> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.collect.lock() = Some(tx);
+        rx
+    }
+
+    /// Closes it: drained connections close again.
+    pub fn end(&self) {
+        *self.collect.lock() = None;
+    }
+
+    fn take(&self, between: Between) -> bool {
+        match &*self.collect.lock() {
+            Some(tx) => tx.send(between).is_ok(),
+            None => false,
+        }
+    }
+}
+
+/// Serves one connection as [`serve`] does, except when the drain signals while `handoff`
+/// is open: then the request in flight, if any, is answered (hyper adds `Connection:
+/// close`) and the socket, not closed, goes to the handoff with what hyper read beyond.
+pub(crate) async fn serve_movable<S>(
+    builder: &http1::Builder,
+    io: Watched,
+    service: S,
+    mut drain: Watcher,
+    handoff: &Handoff,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = hyper::Response<crate::http::Body>>
+        + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S::Future: Send + Unpin + 'static,
+{
+    let mut conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    let (ended, drained) = tokio::select! {
+        res = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => (res, false),
+        _ = drain.signaled() => {
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            (std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await, true)
+        }
+    };
+    if let Err(e) = ended {
+        debug!(error = %e, "connection ended with an error");
+        return;
+    }
+    if !drained {
+        // Ended by the client or by `Connection: close`: closed here, as hyper would.
+        return;
+    }
+    let parts = conn.into_parts();
+    let Some((stream, rest)) = parts.io.into_inner().into_parts() else {
+        return;
+    };
+    let mut read_ahead = parts.read_buf.to_vec();
+    read_ahead.extend_from_slice(&rest);
+    handoff.take(Between { stream, read_ahead });
 }

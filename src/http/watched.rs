@@ -73,6 +73,21 @@ impl Watched {
     }
 }
 
+impl Watched {
+    /// The socket back, with the bytes of the prefix not read yet; `None` once the client
+    /// has left (or while a [`ClientWatch`] on it is alive).
+    pub fn into_parts(self) -> Option<(TcpStream, Vec<u8>)> {
+        let shared = Arc::into_inner(self.shared)?;
+        let stash = shared.stash.into_inner();
+        if stash.end.is_some() {
+            return None;
+        }
+        let mut left = stash.bytes;
+        left.drain(..stash.at);
+        Some((shared.stream, left))
+    }
+}
+
 impl ClientWatch {
     /// Resolves when the client has gone: it ended the stream, reset it, or queued more than
     /// [`MAX_QUEUED_BYTES`]. Whatever it sends meanwhile is kept for the connection's next

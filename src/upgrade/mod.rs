@@ -9,8 +9,10 @@
 //! 1. new → old: `hello` (its pid), sent once its flags are read and checked, before it
 //!    binds anything. Until then the old one serves as usual.
 //! 2. The old one stops accepting (the listening sockets stay open: connection attempts
-//!    wait in the backlog), lets its internal requests finish, stops its bus reader,
-//!    takes every fast-path connection off the fast path, and snapshots its hub.
+//!    wait in the backlog), lets its internal requests finish and takes their connections
+//!    off hyper (they move too: closing them would race a request being sent), stops its
+//!    bus reader, takes every fast-path connection off the fast path, and snapshots its
+//!    hub.
 //! 3. old → new: a header (the listeners' roles, each connection's state, the bus
 //!    position, the snapshot's length), the snapshot, then the descriptors,
 //!    [`fds::MAX_FDS_PER_MESSAGE`] a message. The old one keeps its own copies.
@@ -37,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::bus::Bus;
+use crate::http::conn::Between;
 use crate::http::fast::{Moved, MovedState};
 use crate::http::subscribe::SubscribeQuery;
 use crate::hub::Hub;
@@ -141,6 +144,11 @@ pub enum WireConn {
         /// The `Origin` to echo.
         origin: Option<Vec<u8>>,
     },
+    /// An internal API connection between requests (hyper's, not the fast path's).
+    Internal {
+        /// What hyper had read of the next request.
+        read_ahead: Vec<u8>,
+    },
     /// Parked.
     Parked {
         /// The channel id.
@@ -160,6 +168,10 @@ enum Frame {
     Hello {
         protocol: u32,
         pid: u32,
+        /// It serves internal connections handed over ([`WireConn::Internal`]). Absent
+        /// (false) from a binary older than that: the old process closes them instead.
+        #[serde(default)]
+        takes_internal: bool,
     },
     Header {
         listeners: Vec<Role>,
@@ -208,6 +220,7 @@ pub struct Upgrade {
     listener: Option<tokio::net::UnixListener>,
     socket: Option<UnixStream>,
     deadline: Instant,
+    takes_internal: bool,
 }
 
 /// What the old process hands over, besides the connections' descriptors.
@@ -264,12 +277,18 @@ impl Upgrade {
             listener: Some(listener),
             socket: None,
             deadline: Instant::now() + timeout,
+            takes_internal: false,
         })
     }
 
     /// The new process's pid.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Whether the new process takes internal connections (known after `hello`).
+    pub fn takes_internal(&self) -> bool {
+        self.takes_internal
     }
 
     /// Waits for the new process to connect and say `hello`: it has read and checked its
@@ -291,7 +310,14 @@ impl Upgrade {
         let (socket, frame) = self.blocking(socket, recv).await?;
         self.socket = Some(socket);
         match frame {
-            Frame::Hello { protocol, .. } if protocol == PROTOCOL => Ok(()),
+            Frame::Hello {
+                protocol,
+                takes_internal,
+                ..
+            } if protocol == PROTOCOL => {
+                self.takes_internal = takes_internal;
+                Ok(())
+            }
             Frame::Hello { protocol, .. } => Err(format!(
                 "the new binary speaks handover protocol {protocol}, this one {PROTOCOL}"
             )),
@@ -409,6 +435,7 @@ pub fn inherit(path: &Path) -> Result<Inherited, String> {
         &Frame::Hello {
             protocol: PROTOCOL,
             pid: std::process::id(),
+            takes_internal: true,
         },
     )
     .map_err(fail)?;
@@ -572,8 +599,10 @@ pub struct Restored {
     pub public: tokio::net::TcpListener,
     /// `--internal-listen`'s socket.
     pub internal: tokio::net::TcpListener,
-    /// The connections, to adopt once the old process has said `commit`.
+    /// The fast-path connections, to adopt once the old process has said `commit`.
     pub conns: Vec<Moved>,
+    /// The internal API's connections, to serve once it has.
+    pub internal_conns: Vec<Between>,
 }
 
 /// Restores the hub's state and the bus position, and turns the descriptors into sockets.
@@ -604,11 +633,16 @@ pub fn restore(received: Received, hub: &Arc<Hub>, bus: Option<&Bus>) -> Result<
         }
     }
     let mut conns = Vec::with_capacity(received.conns.len());
+    let mut internal_conns = Vec::new();
     for (fd, wire, deadline) in received.conns {
         let stream = std::net::TcpStream::from(fd);
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stream = tokio::net::TcpStream::from_std(stream).map_err(|e| e.to_string())?;
         let state = match wire {
+            WireConn::Internal { read_ahead } => {
+                internal_conns.push(Between { stream, read_ahead });
+                continue;
+            }
             WireConn::Idle => MovedState::Idle,
             WireConn::Pending {
                 channel,
@@ -643,6 +677,7 @@ pub fn restore(received: Received, hub: &Arc<Hub>, bus: Option<&Bus>) -> Result<
         public: public.ok_or("no public listener handed over")?,
         internal: internal.ok_or("no internal listener handed over")?,
         conns,
+        internal_conns,
     })
 }
 

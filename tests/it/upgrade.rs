@@ -321,6 +321,10 @@ async fn a_new_process_that_fails_after_hello_gives_everything_back() {
     let channels = vec![node.register("t").await, node.register("t").await];
     let mut conns = park(&node, &channels, 3).await;
     let old = node.node.pid();
+    // An internal keep-alive connection, taken off hyper for the handover each round: the
+    // old process serves it again.
+    let mut keep = raw::Conn::connect(node.node.internal).await.unwrap();
+    assert_eq!(publish_on(&mut keep, "elsewhere").await.status, 200);
     // A "binary" that speaks the first steps of the handover: hello, read the header, then
     // exit 3 (or hang, and be killed at --upgrade-timeout).
     let halfway = |then: &str| {
@@ -329,7 +333,7 @@ async fn a_new_process_that_fails_after_hello_gives_everything_back() {
 import json, os, socket, struct, sys, time
 s = socket.socket(socket.AF_UNIX)
 s.connect(os.environ["NUDGE_UPGRADE_FROM"])
-hello = json.dumps({{"kind": "hello", "protocol": 1, "pid": os.getpid()}}).encode()
+hello = json.dumps({{"kind": "hello", "protocol": 1, "pid": os.getpid(), "takes_internal": True}}).encode()
 s.sendall(struct.pack("<Q", len(hello)) + hello)
 n = struct.unpack("<Q", s.recv(8, socket.MSG_WAITALL))[0]
 s.recv(n, socket.MSG_WAITALL)
@@ -368,6 +372,8 @@ s.recv(n, socket.MSG_WAITALL)
             6.0,
             "polls not parked again"
         );
+        let answer = publish_on(&mut keep, "elsewhere").await;
+        assert_eq!(answer.status, 200, "round {round}: {}", answer.text());
     }
     let report = node.publish("t").await;
     assert_eq!(report["woken"], 6, "{report}");
@@ -474,11 +480,12 @@ async fn publishes_registrations_revocations_and_polls_racing_the_handover_lose_
         })
     };
     let failures = Arc::new(AtomicUsize::new(0));
-    // Registrations and revocations on the internal listener, and fresh polls (answered at
-    // once with dont_block) on the public one, in bounded loops across the handover: each
-    // gets an answer from one process or the other. An internal request sent on a keep-alive
-    // connection just as the old process closes it as idle fails before it is read (HTTP's
-    // keep-alive race, as in any server's graceful close); sent again, it succeeds.
+    // Registrations and revocations on the internal listener (a pooled keep-alive client,
+    // as a main API has), and fresh polls (answered at once with dont_block) on the public
+    // one, in bounded loops across the handover: each gets an answer from one process or
+    // the other, at the first attempt. Nothing is sent twice: a keep-alive connection that
+    // is idle at the handover moves to the new process rather than being closed under a
+    // request on its way.
     let mut tasks = Vec::new();
     for worker in 0..3 {
         let (stop, failures) = (stop.clone(), failures.clone());
@@ -491,11 +498,11 @@ async fn publishes_registrations_revocations_and_polls_racing_the_handover_lose_
                 let ok = match worker {
                     0 => {
                         let body = json!({ "topics": [format!("other-{n}")], "subject": "s" });
-                        post_retrying(&http, &format!("http://{internal}/v1/channels"), &body).await
+                        post_once(&http, &format!("http://{internal}/v1/channels"), &body).await
                     }
                     1 => {
                         let body = json!({ "subject": "s" });
-                        post_retrying(&http, &format!("http://{internal}/v1/revoke"), &body).await
+                        post_once(&http, &format!("http://{internal}/v1/revoke"), &body).await
                     }
                     _ => {
                         let conn = raw::Conn::connect(public).await;
@@ -658,16 +665,86 @@ async fn with_a_bus_the_new_process_reads_on_from_the_old_ones_position() {
     all_new_change(&mut conns).await;
 }
 
-/// POSTs `body`; once more on a connection error (never after an answer): the request
-/// was not read by the process that closed the connection.
-async fn post_retrying(http: &reqwest::Client, url: &str, body: &Value) -> bool {
-    for _ in 0..2 {
-        match http.post(url).json(body).send().await {
-            Ok(res) => return res.status().is_success(),
-            Err(e) => eprintln!("{url}: {e}; sending it again"),
+/// `POST /v1/publish` of `topic` on `conn`, and its answer (within 10 s).
+async fn publish_on(conn: &mut raw::Conn, topic: &str) -> raw::Response {
+    let body = json!({ "topic": topic }).to_string();
+    let request = raw::request_bytes(
+        "POST",
+        "/v1/publish",
+        Some("application/json"),
+        body.as_bytes(),
+    );
+    conn.send(&request).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_response())
+        .await
+        .expect("no answer")
+        .expect("the connection broke")
+}
+
+/// POSTs `body` once: whether it was answered with a success.
+async fn post_once(http: &reqwest::Client, url: &str, body: &Value) -> bool {
+    match http.post(url).json(body).send().await {
+        Ok(res) => res.status().is_success(),
+        Err(e) => {
+            eprintln!("{url}: {e}");
+            false
         }
     }
-    false
+}
+
+/// The internal API's connections between requests move with the handover instead of
+/// being closed (closing one races a request on its way, and the main API cannot tell
+/// whether its publish was applied): a keep-alive connection that had an answer, one
+/// whose next request had begun to arrive, and one accepted before its first request.
+/// Each request is answered by the new process, on its connection, at the first attempt.
+#[tokio::test]
+async fn internal_connections_between_requests_move_and_their_next_request_is_answered() {
+    let mut node = Deployed::start(&[]);
+    let channel = node.register("t").await;
+    let internal = node.node.internal;
+    // Connected first, so that the old process has accepted it by the time the others
+    // have had their answers: it has sent nothing, and hyper closes such a connection at
+    // once when told to shut down.
+    let mut fresh = raw::Conn::connect(internal).await.unwrap();
+    let mut idle = raw::Conn::connect(internal).await.unwrap();
+    let mut halfway = raw::Conn::connect(internal).await.unwrap();
+    for conn in [&mut idle, &mut halfway] {
+        let answer = publish_on(conn, "elsewhere").await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert!(!answer.closes());
+    }
+    // The next request's head begins to arrive before the signal and ends after it.
+    let request = raw::request_bytes(
+        "POST",
+        "/v1/publish",
+        Some("application/json"),
+        br#"{"topic":"t"}"#,
+    );
+    let (head, rest) = request.split_at(20);
+    halfway.send(head).await.unwrap();
+    let mut parked = park(&node, std::slice::from_ref(&channel), 1).await;
+    node.upgrade().await;
+    halfway.send(rest).await.unwrap();
+    let halfway = tokio::time::timeout(Duration::from_secs(10), halfway.read_response()).await;
+    let answers = [
+        (
+            "halfway",
+            halfway.expect("no answer").expect("the connection broke"),
+        ),
+        ("idle", publish_on(&mut idle, "t").await),
+        ("fresh", publish_on(&mut fresh, "t").await),
+    ];
+    for (name, answer) in answers {
+        assert_eq!(answer.status, 200, "{name}: {}", answer.text());
+        assert!(
+            answer.body_text().contains(r#""published":1"#),
+            "{name}: {}",
+            answer.text()
+        );
+    }
+    // Answered by the new process, which knows the parked poll: the first publish woke it.
+    all_new_change(&mut parked).await;
+    assert!(node.moved() >= 3, "the three internal connections moved");
 }
 
 impl Deployed {
