@@ -411,6 +411,9 @@ def test_upgrade_under_traffic(make_stack, client, tmp_path):
     s.wait_ready()
     published = s.api.publish(1)["event_ids"]
     s.wait_received(published, timeout=20)
+    # Counted from the SDK's next poll: the SDKs that register again after a change do so
+    # after handing over its events, and before they poll.
+    wait_until(s.has_parked_poll, 15, what="a parked poll")
     options_before = s.options_count()
     changes_before = len(published)
 
