@@ -722,6 +722,7 @@ fn restore(dir: &StateDir, hub: &Hub, bus: Option<&Bus>) {
         channels = done.channels,
         skipped = done.skipped,
         positions = done.positions,
+        not_live = done.not_live,
         age_ms = crate::hub::now_ms().saturating_sub(snapshot.hub.taken_at_ms),
         bus_position = ?snapshot.bus_position.filter(|_| resumed),
         "state restored"

@@ -49,6 +49,7 @@ use not_live::NotLive;
 use topics::Topics;
 
 pub use handover::{Detached, HandoverToken};
+pub use not_live::NotLiveState;
 pub use poll::{HeldPoll, Outcome, ParkedPoll};
 pub use registry::Sweeper;
 pub use snapshot::{ChannelState, HubState, PARKED, Restored, now_ms};

@@ -158,7 +158,11 @@ impl Hub {
         }
         let verdict = self.not_live.lock().poll(id_text, Instant::now());
         match verdict {
-            NotLiveAnswer::MaxRetries => self.answer_now(Answer::MaxRetries),
+            NotLiveAnswer::MaxRetries => {
+                // Newly remembered: the next snapshot carries it.
+                self.note_change();
+                self.answer_now(Answer::MaxRetries)
+            }
             NotLiveAnswer::Hold if self.is_draining() => self.answer_now(Answer::Reconnect),
             NotLiveAnswer::Hold => {
                 // Holding needs no id at all, so held polls are capped per id like parked

@@ -11,10 +11,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use super::channel::{Channel, Pending};
-use super::{Hub, Limits};
+use super::{Hub, Limits, NotLiveState};
 use crate::id::ChannelId;
 
-/// Everything a hub must know to carry on: its live channels and the topics' positions.
+/// Everything a hub must know to carry on: its live channels, the topics' positions and
+/// the ids it answers as not live.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HubState {
     /// When it was taken.
@@ -23,6 +24,8 @@ pub struct HubState {
     pub channels: Vec<ChannelState>,
     /// The newest position of each topic that has one (bound or remembered).
     pub positions: Vec<(String, u64)>,
+    /// The ids answered `max_retries` in the last 60 s (hashed).
+    pub not_live: NotLiveState,
 }
 
 /// One channel, as [`HubState`] carries it.
@@ -65,6 +68,8 @@ pub struct Restored {
     pub skipped: usize,
     /// Topic positions restored.
     pub positions: usize,
+    /// Not-live ids remembered.
+    pub not_live: usize,
 }
 
 /// Milliseconds since the UNIX epoch, now.
@@ -109,6 +114,7 @@ impl Hub {
                 .into_iter()
                 .map(|(t, p)| (t.to_string(), p))
                 .collect(),
+            not_live: self.not_live.lock().export(now),
         }
     }
 
@@ -130,6 +136,9 @@ impl Hub {
                 .publish(topic, Some(*position), now, &mut Vec::new());
             done.positions += 1;
         }
+        // Their 60 s run on from their first answer, across the time the node was down.
+        let elapsed = Duration::from_millis(now_ms.saturating_sub(state.taken_at_ms));
+        done.not_live = self.not_live.lock().import(&state.not_live, elapsed, now);
         self.set_topic_gauges();
         self.note_change();
         done
@@ -246,7 +255,8 @@ mod tests {
             Restored {
                 channels: 1,
                 skipped: 0,
-                positions: 2
+                positions: 2,
+                not_live: 0,
             }
         );
         let info = b.channel_info(&id.to_string()).unwrap();

@@ -701,6 +701,7 @@ fn restore_hub(hub: &Hub, bytes: &[u8], resumed: bool) -> Result<(), String> {
         channels = done.channels,
         skipped = done.skipped,
         positions = done.positions,
+        not_live = done.not_live,
         "hub state taken over"
     );
     Ok(())

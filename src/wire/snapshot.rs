@@ -8,20 +8,23 @@
 //!                   pending: u8 (bit 0 set, bit 1 unpositioned), max_position: u64,
 //!                   expires_at_ms: u64 }
 //! positions: u32 × { topic: string, position: u64 }
+//! not_live: seed: u64, u32 × { hash: u64, age_ms: u64 }        (version 2 on)
 //! checksum: u64 (FNV-1a of every byte before it)
 //! ```
 //!
 //! Integers are little-endian; a string is a `u32` length and UTF-8 bytes; `?` is a byte
-//! 0 or 1 before the value. Anything else — another magic, another version, a truncated or
-//! altered file — is refused with the reason, never half read.
+//! 0 or 1 before the value. Version 1 (without the not-live ids) is still read: a node
+//! upgraded from a binary that wrote it, or restoring its file, starts with no not-live
+//! ids, as before. Anything else — another magic, a later version, a truncated or altered
+//! file — is refused with the reason, never half read.
 
 use std::time::Duration;
 
-use crate::hub::{ChannelState, HubState};
+use crate::hub::{ChannelState, HubState, NotLiveState};
 
 const MAGIC: &[u8; 8] = b"NUDGESNP";
-/// The version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The version this build writes; it reads this one and version 1.
+pub const VERSION: u16 = 2;
 
 /// A hub state and, with a bus, the position it goes with.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,8 +41,8 @@ pub enum SnapshotError {
     /// Not a nudge state file at all.
     #[error("not a nudge state file")]
     Foreign,
-    /// Written by another version of nudge.
-    #[error("format version {0}, this build reads version {VERSION}")]
+    /// Written by a later version of nudge.
+    #[error("format version {0}, this build reads versions 1 to {VERSION}")]
     Version(u16),
     /// Cut short.
     #[error("truncated")]
@@ -82,6 +85,12 @@ pub fn encode(s: &Snapshot) -> Vec<u8> {
         w.str(topic);
         w.u64(*position);
     }
+    w.u64(s.hub.not_live.seed);
+    w.u32(s.hub.not_live.ids.len() as u32);
+    for (hash, age_ms) in &s.hub.not_live.ids {
+        w.u64(*hash);
+        w.u64(*age_ms);
+    }
     let sum = fnv1a(&w.0);
     w.u64(sum);
     w.0
@@ -94,7 +103,7 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     }
     let mut r = Reader(&bytes[MAGIC.len()..]);
     let version = r.u16()?;
-    if version != VERSION {
+    if !(1..=VERSION).contains(&version) {
         return Err(SnapshotError::Version(version));
     }
     if bytes.len() < MAGIC.len() + 2 + 8 {
@@ -103,16 +112,16 @@ pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     let (body, sum) = bytes.split_at(bytes.len() - 8);
     if fnv1a(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
         // A file cut short fails here too; say which when it is plain.
-        return Err(match decode_body(&body[MAGIC.len() + 2..]) {
+        return Err(match decode_body(&body[MAGIC.len() + 2..], version) {
             Err(SnapshotError::Truncated) => SnapshotError::Truncated,
             _ => SnapshotError::Checksum,
         });
     }
-    let snapshot = decode_body(&body[MAGIC.len() + 2..])?;
+    let snapshot = decode_body(&body[MAGIC.len() + 2..], version)?;
     Ok(snapshot)
 }
 
-fn decode_body(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+fn decode_body(bytes: &[u8], version: u16) -> Result<Snapshot, SnapshotError> {
     let mut r = Reader(bytes);
     let taken_at_ms = r.u64()?;
     let bus_position = r.opt()?;
@@ -158,14 +167,26 @@ fn decode_body(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     for _ in 0..n {
         positions.push((r.str()?, r.u64()?));
     }
+    let mut not_live = NotLiveState::default();
+    if version >= 2 {
+        not_live.seed = r.u64()?;
+        let n = r.u32()? as usize;
+        if n > r.0.len() / 16 {
+            return Err(SnapshotError::Truncated);
+        }
+        not_live.ids = (0..n)
+            .map(|_| Ok((r.u64()?, r.u64()?)))
+            .collect::<Result<_, _>>()?;
+    }
     if !r.0.is_empty() {
-        return Err(SnapshotError::Malformed("bytes after the positions"));
+        return Err(SnapshotError::Malformed("bytes after the last section"));
     }
     Ok(Snapshot {
         hub: HubState {
             taken_at_ms,
             channels,
             positions,
+            not_live,
         },
         bus_position,
     })
@@ -264,6 +285,10 @@ mod tests {
                     expires_at_ms: 1_733_212_945_678,
                 }],
                 positions: vec![("user:42".into(), 77)],
+                not_live: NotLiveState {
+                    seed: 0x0123_4567_89ab_cdef,
+                    ids: vec![(0xdead_beef, 59_000), (0xfeed_f00d, 3)],
+                },
             },
             bus_position: Some("1733212345678-0/42@5f3a".into()),
         }
@@ -299,8 +324,8 @@ mod tests {
         assert_eq!(decode(b"{\"channels\":[]}"), Err(SnapshotError::Foreign));
         assert_eq!(decode(b""), Err(SnapshotError::Foreign));
         let mut other = encode(&sample());
-        other[8..10].copy_from_slice(&2u16.to_le_bytes());
-        assert_eq!(decode(&other), Err(SnapshotError::Version(2)));
+        other[8..10].copy_from_slice(&3u16.to_le_bytes());
+        assert_eq!(decode(&other), Err(SnapshotError::Version(3)));
         // Random bytes after a right header: refused, never a panic or a huge allocation.
         let mut rng = 0x9e37_79b9_7f4a_7c15u64;
         for _ in 0..2000 {
@@ -314,6 +339,25 @@ mod tests {
             }
             assert!(decode(&junk).is_err());
         }
+    }
+
+    #[test]
+    fn a_version_1_file_is_read_with_no_not_live_ids() {
+        // Version 1 is version 2 without the not-live section (a seed and a count here).
+        let mut s = sample();
+        s.hub.not_live = NotLiveState::default();
+        let v2 = encode(&s);
+        let mut v1 = v2[..v2.len() - 8 - 12].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let sum = fnv1a(&v1);
+        v1.extend_from_slice(&sum.to_le_bytes());
+        assert_eq!(decode(&v1).unwrap(), s);
+        // ...and a version 1 file with the section is refused, never half read.
+        let mut extra = v2[..v2.len() - 8].to_vec();
+        extra[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let sum = fnv1a(&extra);
+        extra.extend_from_slice(&sum.to_le_bytes());
+        assert!(matches!(decode(&extra), Err(SnapshotError::Malformed(_))));
     }
 
     #[test]

@@ -665,6 +665,34 @@ async fn with_a_bus_the_new_process_reads_on_from_the_old_ones_position() {
     all_new_change(&mut conns).await;
 }
 
+/// The ids answered `max_retries` move with the hub: a client that ignores `max_retries`
+/// and polls again after the upgrade is held and answered `reconnect`, as it was before,
+/// not told `max_retries` again as if the id were new.
+#[tokio::test]
+async fn not_live_ids_are_still_remembered_after_the_handover() {
+    let mut node = Deployed::start(&[]);
+    let poll = |public| async move {
+        let mut conn = raw::Conn::connect(public).await.unwrap();
+        conn.send(raw::get("/subscribe?channel=BBBBBBBBBBBBBBBBBBBBBB", "").as_bytes())
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), conn.read_response())
+            .await
+            .expect("no answer")
+            .unwrap();
+        answer.body_text()
+    };
+    assert_eq!(poll(node.public()).await, r#"{"message":"max_retries"}"#);
+    assert_eq!(poll(node.public()).await, r#"{"message":"reconnect"}"#);
+    node.upgrade().await;
+    assert_eq!(
+        poll(node.public()).await,
+        r#"{"message":"reconnect"}"#,
+        "the new process did not know the id was answered max_retries"
+    );
+    node.node.wait_log("not_live=1", Duration::from_secs(5));
+}
+
 /// `POST /v1/publish` of `topic` on `conn`, and its answer (within 10 s).
 async fn publish_on(conn: &mut raw::Conn, topic: &str) -> raw::Response {
     let body = json!({ "topic": topic }).to_string();
