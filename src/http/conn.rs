@@ -2,6 +2,8 @@
 //! builder with nudge's limits, and serving one connection until it ends or the drain asks
 //! it to close, or (an internal connection, at an upgrade) hands it on between requests.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -97,6 +99,10 @@ impl Handoff {
         *self.collect.lock() = None;
     }
 
+    fn is_open(&self) -> bool {
+        self.collect.lock().is_some()
+    }
+
     fn take(&self, between: Between) -> bool {
         match &*self.collect.lock() {
             Some(tx) => tx.send(between).is_ok(),
@@ -107,7 +113,9 @@ impl Handoff {
 
 /// Serves one connection as [`serve`] does, except when the drain signals while `handoff`
 /// is open: then the request in flight, if any, is answered (hyper adds `Connection:
-/// close`) and the socket, not closed, goes to the handoff with what hyper read beyond.
+/// close`) and the socket, not closed, goes to the handoff with what hyper read beyond. A
+/// connection that has not yet had a request goes at once, with what hyper has read of
+/// its first head: hyper would wait for the rest of that head, as long as the client takes.
 pub(crate) async fn serve_movable<S>(
     builder: &http1::Builder,
     io: Watched,
@@ -120,12 +128,22 @@ pub(crate) async fn serve_movable<S>(
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + Unpin + 'static,
 {
+    let asked = Arc::new(AtomicBool::new(false));
+    let service = Asked {
+        inner: service,
+        asked: asked.clone(),
+    };
     let mut conn = builder.serve_connection(hyper_util::rt::TokioIo::new(io), service);
     let (ended, drained) = tokio::select! {
         res = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => (res, false),
         _ = drain.signaled() => {
-            std::pin::Pin::new(&mut conn).graceful_shutdown();
-            (std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await, true)
+            // Polled by this task only: no request can arrive between the look and the move.
+            if !asked.load(Ordering::Relaxed) && handoff.is_open() {
+                (Ok(()), true)
+            } else {
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                (std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await, true)
+            }
         }
     };
     if let Err(e) = ended {
@@ -143,4 +161,21 @@ pub(crate) async fn serve_movable<S>(
     let mut read_ahead = parts.read_buf.to_vec();
     read_ahead.extend_from_slice(&rest);
     handoff.take(Between { stream, read_ahead });
+}
+
+/// A service that notes that hyper has handed it a request.
+struct Asked<S> {
+    inner: S,
+    asked: Arc<AtomicBool>,
+}
+
+impl<S: hyper::service::Service<R>, R> hyper::service::Service<R> for Asked<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, req: R) -> S::Future {
+        self.asked.store(true, Ordering::Relaxed);
+        self.inner.call(req)
+    }
 }
