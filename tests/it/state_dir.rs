@@ -235,7 +235,8 @@ async fn an_idle_node_writes_its_state_only_when_something_changed() {
     // A registration is a change: written at the next tick.
     let url = node.register(json!({ "topics": ["t"] })).await;
     node.wait_written(&dir, &[&url]).await;
-    assert!(node.metric("nudge_state_snapshots_total").await > idle);
+    // Counted once the file is in place: a moment after it can be read.
+    node.wait_snapshots_past(idle).await;
     // And so is a poll (its ttl clock, its mark).
     let after = node.metric("nudge_state_snapshots_total").await;
     assert_eq!(node.poll(&url, "&dont_block=true").await, "no_change");
