@@ -257,22 +257,17 @@ impl Server {
             internal,
             tls,
             fast,
-            builder,
+            builder: builder.clone(),
             public_state,
             internal_api: Arc::new(InternalApi {
-                builder: http1_builder(config.header_read_timeout),
+                builder,
                 state: internal_state,
                 handoff: Handoff::default(),
             }),
             public_conns,
             header_read_timeout: config.header_read_timeout,
         };
-        let mut round = acceptor.start();
-        for between in adopted_internal {
-            acceptor
-                .internal_api
-                .spawn(between, round.internal_conns.watcher());
-        }
+        let mut round = acceptor.start(adopted_internal);
         crate::upgrade::notify_systemd("READY=1");
         tokio::pin!(shutdown);
         loop {
@@ -318,31 +313,22 @@ impl Server {
                     info!("handed over to the new process; exiting");
                     return Ok(());
                 }
-                Upgraded::No {
-                    why,
-                    round: kept,
-                    internal,
-                } => {
+                Upgraded::No { why, then } => {
                     hub.metrics()
                         .upgrades_total
                         .with_label_values(&["abandoned"])
                         .inc();
                     warn!(reason = %why, "upgrade abandoned; this process goes on serving");
-                    round = match kept {
-                        Some(round) => round,
-                        None => {
+                    round = match then {
+                        Resume::Kept(round) => round,
+                        Resume::Restart(internal) => {
                             if let Some(bus) = &bus {
                                 bus.restart();
                                 bus_task = Some(tokio::spawn(bus.clone().run()));
                             }
-                            acceptor.start()
+                            acceptor.start(internal)
                         }
                     };
-                    for between in internal {
-                        acceptor
-                            .internal_api
-                            .spawn(between, round.internal_conns.watcher());
-                    }
                 }
             }
         }
@@ -435,7 +421,9 @@ impl Round {
 }
 
 impl Acceptor {
-    fn start(&self) -> Round {
+    /// Starts accepting, and serves `internal` (internal API connections handed over, or
+    /// taken back from an upgrade that was abandoned) in this round.
+    fn start(&self, internal: Vec<Between>) -> Round {
         let public_accept = Drain::new(None);
         let internal_accept = Drain::new(None);
         let internal_conns = Arc::new(Drain::new(None));
@@ -513,6 +501,9 @@ impl Acceptor {
             .state
             .ready
             .store(true, std::sync::atomic::Ordering::Release);
+        for between in internal {
+            self.internal_api.spawn(between, internal_conns.watcher());
+        }
         Round {
             public_accept,
             internal_accept,
@@ -552,25 +543,17 @@ impl InternalApi {
 enum Upgraded {
     /// The new process serves; this one answers what could not move and exits.
     HandedOver,
-    /// This process goes on serving.
-    No {
-        why: String,
-        /// The accept round if it was never stopped (`None`: accepting, the connections
-        /// and the bus must start again).
-        round: Option<Round>,
-        /// Internal connections taken off hyper for the handover, to serve again.
-        internal: Vec<Between>,
-    },
+    /// This process goes on serving: why, and from where.
+    No { why: String, then: Resume },
 }
 
-impl Upgraded {
-    fn no(why: impl Into<String>, round: Option<Round>) -> Upgraded {
-        Upgraded::No {
-            why: why.into(),
-            round,
-            internal: Vec::new(),
-        }
-    }
+/// Where an abandoned upgrade leaves this process.
+enum Resume {
+    /// Accepting was never stopped: the round goes on.
+    Kept(Round),
+    /// Accepting, the connections and the bus start again; these internal connections,
+    /// taken off hyper for the handover, are served again.
+    Restart(Vec<Between>),
 }
 
 /// How long the fast path's connections get to report for the move (an answer being
@@ -588,12 +571,20 @@ async fn upgrade_in_place(
 ) -> Upgraded {
     let mut upgrade = match Upgrade::spawn(config.upgrade_timeout) {
         Ok(u) => u,
-        Err(why) => return Upgraded::no(why, Some(round)),
+        Err(why) => {
+            return Upgraded::No {
+                why,
+                then: Resume::Kept(round),
+            };
+        }
     };
     // Serving as usual until the new process has read its flags and connected.
     if let Err(why) = upgrade.hello().await {
         upgrade.abandon().await;
-        return Upgraded::no(why, Some(round));
+        return Upgraded::No {
+            why,
+            then: Resume::Kept(round),
+        };
     }
     let started = tokio::time::Instant::now();
     round.stop_accepting().await;
@@ -613,8 +604,7 @@ async fn upgrade_in_place(
         upgrade.abandon().await;
         return Upgraded::No {
             why: "internal requests still in flight".into(),
-            round: None,
-            internal,
+            then: Resume::Restart(internal),
         };
     }
     // The bus reader stops after the entry it is applying; the new one reads on from here
@@ -689,8 +679,7 @@ async fn upgrade_in_place(
             // The bus reader's cursor is where it stopped: `Bus::restart` reads on from it.
             Upgraded::No {
                 why,
-                round: None,
-                internal,
+                then: Resume::Restart(internal),
             }
         }
     }
